@@ -1,0 +1,253 @@
+"""Chat turns as people make them: submit, stop, retry. Consumers and views call only these."""
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+
+from chat import live
+from chat.models import Conversation, Message
+from chat.selectors import conversation_get, message_get_for_user
+from governance.admission import Refusal, turn_admit
+from governance.audit import audit_record
+from governance.quotas import quota_release
+from models_admin.models import Deployment
+from models_admin.routing import DeploymentUnavailable, deployment_resolve
+
+logger = logging.getLogger(__name__)
+
+# The chat template and tokenizer live in the worker; at admission a turn's prompt is estimated
+# from its characters (English runs about 4 per token; 3 keeps the estimate on the safe side).
+_CHARS_PER_TOKEN_ESTIMATE = 3
+
+
+class TurnRejected(Exception):
+    """The request cannot be carried out; the message is for the user and says why."""
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    question: Message
+    answer: Message | None
+    refusal: str | None = None
+
+
+def stop_key(message_id: int) -> str:
+    return f"genai:chat:stop:{message_id}"
+
+
+def lease_key(message_id: int) -> str:
+    return f"genai:chat:lease:{message_id}"
+
+
+@transaction.atomic
+def conversation_create(*, user: AbstractBaseUser, title: str = "") -> Conversation:
+    conversation = Conversation.objects.create(
+        user=user, title=title[:200], model_alias=settings.CHAT_DEFAULT_ALIAS
+    )
+    audit_record(
+        actor=user,
+        action="conversation.created",
+        target_type="conversation",
+        target_id=conversation.pk,
+    )
+    return conversation
+
+
+def _validated_text(text: object) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise TurnRejected("Type a message before sending.")
+    text = text.strip()
+    limit = settings.CHAT_MAX_MESSAGE_CHARS
+    if len(text) > limit:
+        raise TurnRejected(
+            f"Your message is {len(text):,} characters long; the limit is {limit:,}."
+        )
+    return text
+
+
+def _estimate_reservation(*, conversation: Conversation, text: str, deployment: Deployment) -> int:
+    version = deployment.primary_version
+    history_chars = sum(
+        len(c)
+        for c in conversation.messages.filter(status__in=["sent", "complete", "stopped"])
+        .order_by("-id")
+        .values_list("content", flat=True)[:20]
+    )
+    prompt = (len(text) + history_chars + len(version.system_prompt)) // _CHARS_PER_TOKEN_ESTIMATE
+    return (
+        min(prompt, version.context_window - version.max_output_tokens) + version.max_output_tokens
+    )
+
+
+def _enqueue(answer: Message, deployment: Deployment) -> None:
+    from chat.tasks import generate_reply
+
+    generate_reply.apply_async(args=[answer.pk, answer.attempt], queue=deployment.queue)
+
+
+def _on_commit_notify(conversation_id: int, *message_ids: int, created: bool = False) -> None:
+    for message_id in message_ids:
+        transaction.on_commit(
+            partial(live.live_message_changed, conversation_id, message_id, created=created)
+        )
+
+
+def turn_submit(
+    *, user: AbstractBaseUser, conversation_id: int, text: object, ip: str | None = None
+) -> TurnOutcome:
+    """Save the user's message, admit it, and enqueue the answer.
+
+    Raises TurnRejected (nothing saved) for input that cannot be a turn. A quota refusal saves
+    the message as refused, with the reason, so the user keeps what they wrote.
+    """
+    clean = _validated_text(text)
+    with transaction.atomic():
+        # Lock the conversation: one answer in flight per conversation, checked without races.
+        conversation = conversation_get(user=user, conversation_id=conversation_id)
+        conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
+        if conversation.messages.filter(status__in=["pending", "streaming"]).exists():
+            raise TurnRejected("Wait for the current answer to finish, or stop it first.")
+        try:
+            deployment = deployment_resolve(alias=conversation.model_alias)
+        except DeploymentUnavailable as exc:
+            raise TurnRejected(f"The model is not available: {exc}") from exc
+        question = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.USER,
+            status=Message.Status.SENT,
+            content=clean,
+        )
+        tokens = _estimate_reservation(conversation=conversation, text=clean, deployment=deployment)
+        admission = turn_admit(
+            user=user, tokens=tokens, target_type="message", target_id=question.pk, ip=ip
+        )
+        if not conversation.title:
+            conversation.title = clean[:80]
+        conversation.save(update_fields=["title", "updated_at"])
+        if isinstance(admission, Refusal):
+            question.status = Message.Status.REFUSED
+            question.error = admission.reason
+            question.save(update_fields=["status", "error"])
+            _on_commit_notify(conversation.pk, question.pk, created=True)
+            return TurnOutcome(question=question, answer=None, refusal=admission.reason)
+        answer = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.PENDING,
+            reply_to=question,
+            attempt=1,
+            model_version=deployment.primary_version,
+            reservation=admission,
+        )
+        _on_commit_notify(conversation.pk, question.pk, answer.pk, created=True)
+        transaction.on_commit(partial(_enqueue, answer, deployment))
+    return TurnOutcome(question=question, answer=answer)
+
+
+def turn_stop(*, user: AbstractBaseUser, message_id: int) -> None:
+    """Ask the answer to stop. A running generation ends at its next decoding step and keeps
+    its partial text; one that has not started yet is stopped here."""
+    answer = message_get_for_user(user=user, message_id=message_id)
+    if answer.role != Message.Role.ASSISTANT or not answer.is_active:
+        raise TurnRejected("That answer is not running.")
+    cache.set(stop_key(answer.pk), 1, timeout=3600)
+    with transaction.atomic():
+        won = Message.objects.filter(pk=answer.pk, status=Message.Status.PENDING).update(
+            status=Message.Status.STOPPED, finished_at=timezone.now()
+        )
+        if won:
+            if answer.reservation_id:
+                quota_release(reservation_id=answer.reservation_id)
+            _on_commit_notify(answer.conversation_id, answer.pk)
+        audit_record(
+            actor=user, action="turn.stop_requested", target_type="message", target_id=answer.pk
+        )
+
+
+def turn_retry(*, user: AbstractBaseUser, message_id: int, ip: str | None = None) -> TurnOutcome:
+    """Generate a failed answer again, as a new attempt of the same message."""
+    answer = message_get_for_user(user=user, message_id=message_id)
+    if answer.role != Message.Role.ASSISTANT or answer.status != Message.Status.FAILED:
+        raise TurnRejected("Only a failed answer can be retried.")
+    with transaction.atomic():
+        conversation = Conversation.objects.select_for_update().get(pk=answer.conversation_id)
+        if conversation.messages.filter(status__in=["pending", "streaming"]).exists():
+            raise TurnRejected("Wait for the current answer to finish, or stop it first.")
+        try:
+            deployment = deployment_resolve(alias=conversation.model_alias)
+        except DeploymentUnavailable as exc:
+            raise TurnRejected(f"The model is not available: {exc}") from exc
+        assert answer.reply_to is not None
+        tokens = _estimate_reservation(
+            conversation=conversation, text=answer.reply_to.content, deployment=deployment
+        )
+        admission = turn_admit(
+            user=user, tokens=tokens, target_type="message", target_id=answer.pk, ip=ip
+        )
+        if isinstance(admission, Refusal):
+            raise TurnRejected(admission.reason)
+        won = Message.objects.filter(pk=answer.pk, status=Message.Status.FAILED).update(
+            status=Message.Status.PENDING,
+            attempt=answer.attempt + 1,
+            content="",
+            error="",
+            reservation=admission,
+            model_version=deployment.primary_version,
+            finished_at=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            time_to_first_token_ms=None,
+            tokens_per_second=None,
+        )
+        if not won:
+            raise TurnRejected("That answer is already being retried.")
+        answer.refresh_from_db()
+        cache.delete(stop_key(answer.pk))
+        _on_commit_notify(conversation.pk, answer.pk)
+        transaction.on_commit(partial(_enqueue, answer, deployment))
+    return TurnOutcome(question=answer.reply_to, answer=answer)
+
+
+def conversation_reap_stale_turns(*, conversation_id: int) -> int:
+    """Mark answers whose worker vanished mid-generation (no lease heartbeat) as failed."""
+    reaped = 0
+    for answer in Message.objects.filter(
+        conversation_id=conversation_id, status=Message.Status.STREAMING
+    ):
+        if cache.get(lease_key(answer.pk)) is None:
+            reaped += answer_fail(
+                message_id=answer.pk,
+                attempt=answer.attempt,
+                reason="The worker stopped in the middle of this answer.",
+                from_status=Message.Status.STREAMING,
+            )
+    return reaped
+
+
+def answer_fail(*, message_id: int, attempt: int, reason: str, from_status: str) -> int:
+    """Mark one attempt failed (once) and give back the quota it did not spend."""
+    with transaction.atomic():
+        answer = Message.objects.select_for_update().filter(pk=message_id).first()
+        if answer is None or answer.attempt != attempt or answer.status != from_status:
+            return 0
+        answer.status = Message.Status.FAILED
+        answer.error = reason
+        answer.finished_at = timezone.now()
+        answer.save(update_fields=["status", "error", "finished_at"])
+        if answer.reservation_id:
+            quota_release(reservation_id=answer.reservation_id)
+        audit_record(
+            actor=None,
+            action="turn.failed",
+            target_type="message",
+            target_id=message_id,
+            details={"attempt": attempt, "reason": reason},
+        )
+        _on_commit_notify(answer.conversation_id, answer.pk)
+    return 1

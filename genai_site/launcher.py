@@ -1,0 +1,145 @@
+"""Runs the platform, or a command, with its services.
+
+    python -m genai_site.launcher up          # migrate, import the model, serve web + worker
+    python -m genai_site.launcher run -- CMD  # run CMD (e.g. pytest) with the services up
+
+PostgreSQL and Redis come from DATABASE_URL / REDIS_URL when set, embedded ones otherwise.
+"""
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from genai_site.embedded import ensure_services
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _var_dir() -> Path:
+    path = Path(os.environ.get("GENAI_VAR_DIR", BASE_DIR / "var"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _local_defaults(var_dir: Path) -> None:
+    """Settings for running on this machine over plain HTTP; the environment overrides each."""
+    key_file = var_dir / "secret_key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    os.environ.setdefault("DJANGO_SECRET_KEY", key_file.read_text().strip())
+    os.environ.setdefault("DJANGO_SECURE_SSL_REDIRECT", "0")
+    os.environ.setdefault("DJANGO_SECURE_COOKIES", "0")
+    os.environ.setdefault("DJANGO_HSTS_SECONDS", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _manage(*args: str) -> None:
+    subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True)
+
+
+def worker_command(queues: str = "inference,default", concurrency: int = 4) -> list[str]:
+    return [
+        str(BIN / "celery"),
+        "-A",
+        "genai_site",
+        "worker",
+        "-Q",
+        queues,
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def web_command(host: str, port: int) -> list[str]:
+    return [str(BIN / "daphne"), "-b", host, "-p", str(port), "genai_site.asgi:application"]
+
+
+def up(host: str, port: int) -> int:
+    var_dir = _var_dir()
+    _local_defaults(var_dir)
+    with ExitStack() as stack:
+        started = ensure_services(var_dir, stack)
+        for name in started:
+            print(f"Embedded {name.split('_')[0].lower()} started under {var_dir}")
+        _manage("migrate", "--no-input", "-v", "0")
+        _manage("import_default_model")
+        _manage("ensure_admin")
+        children = [
+            subprocess.Popen(web_command(host, port), start_new_session=True),
+            subprocess.Popen(worker_command(), start_new_session=True),
+        ]
+
+        def stop_children() -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+        stack.callback(stop_children)
+        print(f"\ngenai-site is running at http://{host}:{port}/  (Ctrl-C stops everything)\n")
+        try:
+            while all(child.poll() is None for child in children):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nStopping...")
+            return 0
+        failed = [c for c in children if c.poll() not in (None, 0)]
+        return 1 if failed else 0
+
+
+def run(command: list[str]) -> int:
+    var_dir = _var_dir()
+    _local_defaults(var_dir)
+    with ExitStack() as stack:
+        ensure_services(var_dir, stack)
+        if not command:
+            print("Nothing to run.", file=sys.stderr)
+            return 2
+        try:
+            return subprocess.call(command)
+        except KeyboardInterrupt:
+            return 130
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C, so every child and embedded service is stopped on the way out.
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    parser = argparse.ArgumentParser(prog="genai_site.launcher")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up_parser = sub.add_parser("up", help="serve the platform")
+    up_parser.add_argument("--host", default=os.environ.get("GENAI_HOST", "127.0.0.1"))
+    up_parser.add_argument("--port", type=int, default=int(os.environ.get("GENAI_PORT", "8000")))
+    run_parser = sub.add_parser("run", help="run a command with the services up")
+    run_parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.cmd == "up":
+        return up(args.host, args.port)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+from django.conf import settings
+from django.db import models
+
+
+class DailyTokenQuota(models.Model):
+    """Tokens (prompt + completion) a user may spend per UTC day.
+
+    The row without a user is the default for everyone without a row of their own.
+    """
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE
+    )
+    tokens_per_day = models.PositiveIntegerField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            # At most one default row (user NULL); OneToOne alone lets NULLs repeat.
+            models.UniqueConstraint(
+                fields=["user"], name="one_daily_token_quota_per_user", nulls_distinct=False
+            )
+        ]
+
+    def __str__(self) -> str:
+        who = self.user or "everyone (default)"
+        return f"{who}: {self.tokens_per_day} tokens/day"
+
+
+class TokenUsage(models.Model):
+    """A user's spend for one day: `reserved` is held by answers in flight, `used` is settled."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    day = models.DateField()
+    reserved = models.PositiveIntegerField(default=0)
+    used = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "day"], name="one_token_usage_per_user_day")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.day}: used {self.used}, reserved {self.reserved}"
+
+
+class QuotaReservation(models.Model):
+    """Tokens held for one answer, settled (or released) exactly once."""
+
+    class Status(models.TextChoices):
+        HELD = "held"
+        SETTLED = "settled"
+        RELEASED = "released"
+
+    usage = models.ForeignKey(TokenUsage, on_delete=models.CASCADE, related_name="reservations")
+    tokens = models.PositiveIntegerField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.HELD)
+    settled_tokens = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"reservation {self.pk}: {self.tokens} ({self.status})"
+
+
+class AuditEvent(models.Model):
+    """Append-only record of what happened. Message content is referenced by id, never copied."""
+
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    actor_label = models.CharField(max_length=150, blank=True)
+    action = models.CharField(max_length=100, db_index=True)
+    target_type = models.CharField(max_length=100, blank=True)
+    target_id = models.CharField(max_length=100, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.action}"

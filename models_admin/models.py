@@ -1,0 +1,72 @@
+from django.conf import settings
+from django.db import models
+
+
+class Model(models.Model):
+    """A model family (e.g. SmolLM2-135M-Instruct); its versions are the servable artifacts."""
+
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelVersion(models.Model):
+    class Backend(models.TextChoices):
+        TRANSFORMERS = "transformers", "transformers (local worker)"
+
+    class Stage(models.TextChoices):
+        DRAFT = "draft"
+        STAGING = "staging"
+        PRODUCTION = "production"
+        ARCHIVED = "archived"
+
+    model = models.ForeignKey(Model, on_delete=models.PROTECT, related_name="versions")
+    version = models.CharField(max_length=100)
+    backend = models.CharField(max_length=30, choices=Backend.choices, default=Backend.TRANSFORMERS)
+    stage = models.CharField(max_length=20, choices=Stage.choices, default=Stage.PRODUCTION)
+    # Relative to settings.MODEL_STORE, so a store can move between machines.
+    artifact_path = models.CharField(max_length=500)
+    sha256 = models.CharField(max_length=64, help_text="sha256 over the artifact's weight files")
+    source = models.CharField(max_length=500, blank=True, help_text="Where it was imported from")
+    context_window = models.PositiveIntegerField(default=2048)
+    max_output_tokens = models.PositiveIntegerField(default=256)
+    temperature = models.FloatField(default=0.3)
+    top_p = models.FloatField(default=0.9)
+    system_prompt = models.TextField(default="You are a helpful assistant. Answer concisely.")
+    registered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["model", "version"], name="unique_model_version"),
+            models.CheckConstraint(
+                condition=models.Q(temperature__gte=0) & models.Q(top_p__gt=0, top_p__lte=1),
+                name="model_version_sampling_in_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}@{self.version}"
+
+
+class Deployment(models.Model):
+    """An alias people and programs choose (`chat-default`), served by one version."""
+
+    alias = models.SlugField(max_length=100, unique=True)
+    primary_version = models.ForeignKey(
+        ModelVersion, on_delete=models.PROTECT, related_name="deployments"
+    )
+    queue = models.CharField(
+        max_length=100, default="inference", help_text="Celery queue whose workers serve it"
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return self.alias
