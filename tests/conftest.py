@@ -1,0 +1,197 @@
+"""Shared fixtures: the suite runs against real PostgreSQL, Redis, a Celery worker and the model.
+
+`make test` starts embedded PostgreSQL and Redis when DATABASE_URL / REDIS_URL are unset
+(genai_site.launcher). The worker and the web server run as subprocesses against the test
+database, so integration tests use `transaction=True`: other processes must see committed rows.
+"""
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.db import connection
+
+from genai_site.launcher import web_command, worker_command
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+ARTIFACTS = BASE_DIR / "test-artifacts"
+# One queue per test session, so a platform running beside the tests never takes their turns.
+TEST_QUEUE = f"tests-{uuid.uuid4().hex[:8]}"
+
+
+def _test_database_url() -> str:
+    s = connection.settings_dict
+    auth = quote(s["USER"] or "", safe="")
+    if s["PASSWORD"]:
+        auth += ":" + quote(s["PASSWORD"], safe="")
+    host = s["HOST"] or ""
+    port = f":{s['PORT']}" if s["PORT"] else ""
+    url = f"postgres://{auth}@{host}{port}/{s['NAME']}"
+    socket_dir = (s.get("OPTIONS") or {}).get("host")
+    return f"{url}?host={socket_dir}" if socket_dir else url
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg, no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not become ready in {timeout:.0f}s")
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(
+    django_db_setup: None, django_db_blocker: pytest.FixtureRequest
+) -> dict[str, str]:
+    """Environment for the worker and web subprocesses: the test database, the same Redis."""
+    return {**os.environ, "DATABASE_URL": _test_database_url()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_stray_connections(
+    django_db_setup: None, django_db_blocker: pytest.FixtureRequest
+) -> Iterator[None]:
+    """At the end, end connections left by subprocesses and by the threads that run the
+    consumers' database calls, so the test database can be dropped."""
+    yield
+    with django_db_blocker.unblock():  # type: ignore[attr-defined]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+
+@pytest.fixture(scope="session")
+def model_artifact() -> object:
+    """The default model, converted into the store once per machine (not per run)."""
+    from models_admin.importing import (
+        DEFAULT_MODEL_NAME,
+        DEFAULT_MODEL_VERSION,
+        artifact_convert_gguf,
+        default_gguf_path,
+    )
+
+    return artifact_convert_gguf(
+        gguf_path=default_gguf_path(),
+        artifact_path=f"{DEFAULT_MODEL_NAME}/{DEFAULT_MODEL_VERSION}",
+    )
+
+
+def _start_worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+    ARTIFACTS.mkdir(exist_ok=True)
+    command = [*worker_command(queues=TEST_QUEUE, concurrency=2), "-n", f"{name}@%h"]
+    return subprocess.Popen(
+        command, env=env, cwd=BASE_DIR, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(
+    subprocess_env: dict[str, str], model_artifact: object
+) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
+    """A real Celery worker (thread pool) serving the test queue."""
+    log = ARTIFACTS / "worker.log"
+    proc = _start_worker(subprocess_env, "tests", log)
+    _wait(lambda: "ready." in log.read_text(errors="replace"), 90, "Celery worker", proc)
+    yield proc
+    _stop(proc)
+
+
+@pytest.fixture
+def spare_worker(subprocess_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, Path]]:  # type: ignore[type-arg]
+    """A second worker a test may kill; it keeps its leases short so its death shows quickly."""
+    env = {**subprocess_env, "CHAT_GENERATION_LEASE_SECONDS": "3"}
+    log = ARTIFACTS / "spare-worker.log"
+    proc = _start_worker(env, "spare", log)
+    _wait(lambda: "ready." in log.read_text(errors="replace"), 90, "spare worker", proc)
+    yield proc, log
+    if proc.poll() is None:
+        _stop(proc)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
+    """The real ASGI application under daphne, against the test database."""
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "web.log"
+    proc = subprocess.Popen(
+        web_command("127.0.0.1", port),
+        env=subprocess_env,
+        cwd=BASE_DIR,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    _wait(listening, 60, "daphne", proc)
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+@pytest.fixture
+def chat_model(
+    transactional_db: None,
+    model_artifact: object,
+    celery_worker_process: subprocess.Popen,  # type: ignore[type-arg]
+) -> object:
+    """The default model registered behind `chat-default`, served by the test worker.
+
+    Greedy decoding and short answers keep the suite fast and repeatable.
+    """
+    from governance.models import DailyTokenQuota
+    from models_admin.importing import model_version_register
+    from models_admin.models import Deployment
+
+    version = model_version_register(
+        model_name="SmolLM2-135M-Instruct",
+        version="test",
+        artifact=model_artifact,  # type: ignore[arg-type]
+        source="tests",
+        alias="chat-default",
+    )
+    version.temperature = 0.0
+    version.max_output_tokens = 48
+    version.save()
+    Deployment.objects.filter(alias="chat-default").update(queue=TEST_QUEUE)
+    # Flushing between transactional tests also removes the migration's default quota row.
+    DailyTokenQuota.objects.get_or_create(user=None, defaults={"tokens_per_day": 200_000})
+    return version
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer() -> Iterator[None]:
+    """Each async test runs in its own event loop; the Redis channel layer's connections and
+    locks belong to the loop that made them, so every test gets a new layer."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
