@@ -87,9 +87,9 @@ def model_artifact() -> object:
     )
 
 
-def _start_worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+def _start_worker(env: dict[str, str], name: str, log: Path, queue: str) -> subprocess.Popen:  # type: ignore[type-arg]
     ARTIFACTS.mkdir(exist_ok=True)
-    command = [*worker_command(queues=TEST_QUEUE, concurrency=2), "-n", f"{name}@%h"]
+    command = [*worker_command(queues=queue, concurrency=2), "-n", f"{name}@%h"]
     return subprocess.Popen(
         command, env=env, cwd=BASE_DIR, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
@@ -109,20 +109,22 @@ def celery_worker_process(
 ) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
     """A real Celery worker (thread pool) serving the test queue."""
     log = ARTIFACTS / "worker.log"
-    proc = _start_worker(subprocess_env, "tests", log)
+    proc = _start_worker(subprocess_env, "tests", log, TEST_QUEUE)
     _wait(lambda: "ready." in log.read_text(errors="replace"), 90, "Celery worker", proc)
     yield proc
     _stop(proc)
 
 
 @pytest.fixture
-def spare_worker(subprocess_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, Path]]:  # type: ignore[type-arg]
-    """A second worker a test may kill; it keeps its leases short so its death shows quickly."""
+def spare_worker(subprocess_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, str]]:  # type: ignore[type-arg]
+    """A second worker, on a queue of its own, that a test may kill. Its leases are short so
+    that its death shows quickly."""
     env = {**subprocess_env, "CHAT_GENERATION_LEASE_SECONDS": "3"}
     log = ARTIFACTS / "spare-worker.log"
-    proc = _start_worker(env, "spare", log)
+    queue = f"{TEST_QUEUE}-spare"
+    proc = _start_worker(env, "spare", log, queue)
     _wait(lambda: "ready." in log.read_text(errors="replace"), 90, "spare worker", proc)
-    yield proc, log
+    yield proc, queue
     if proc.poll() is None:
         _stop(proc)
 

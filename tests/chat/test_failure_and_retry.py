@@ -1,0 +1,102 @@
+"""A failed generation keeps the question and can be retried; a dead worker never answers twice."""
+
+import os
+import signal
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import Client
+
+from chat.models import Message
+from chat.services import conversation_create
+from governance.models import TokenUsage
+from tests.chat.wsclient import communicator, receive, receive_until, send
+from tests.conftest import TEST_QUEUE
+from tests.factories import PASSWORD, session_cookie_for, user_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def _answer_id(comm) -> int:  # type: ignore[no-untyped-def]
+    while True:
+        frame = await receive(comm)
+        for message_id, status, _ in frame.messages:
+            if status in ("pending", "streaming", "failed"):
+                return message_id
+
+
+async def test_weights_that_fail_their_hash_fail_the_turn_and_retry_answers(chat_model) -> None:  # type: ignore[no-untyped-def]
+    good_hash = chat_model.sha256
+    chat_model.sha256 = "0" * 64  # the registry no longer matches the weights on disk
+    await chat_model.asave()
+    user = await sync_to_async(user_create)(username="alice")
+    conversation = await sync_to_async(conversation_create)(user=user)
+    comm = communicator(conversation.pk, await sync_to_async(session_cookie_for)(user))
+    assert (await comm.connect())[0]
+
+    await send(comm, text="Hello?")
+    answer_id = await _answer_id(comm)
+    frames = await receive_until(comm, answer_id, {"failed"})
+    assert "refusing to serve them" in frames[-1].raw and "Retry" in frames[-1].raw
+    question, answer = [m async for m in Message.objects.order_by("id")]
+    assert question.status == "sent" and question.content == "Hello?"
+    assert answer.status == "failed"
+    usage = await TokenUsage.objects.aget(user=user)
+    assert usage.reserved == 0 and usage.used == 0, "a failed answer costs nothing"
+
+    chat_model.sha256 = good_hash  # the operator fixes the registry
+    await chat_model.asave()
+    await send(comm, action="retry", message_id=answer_id)
+    await receive_until(comm, answer_id, {"complete"})
+    await answer.arefresh_from_db()
+    assert answer.status == "complete" and answer.attempt == 2 and answer.content
+    assert await Message.objects.acount() == 2
+    await comm.disconnect()
+
+
+def test_a_worker_killed_mid_answer_leaves_a_failed_turn_that_can_be_retried(
+    chat_model,
+    spare_worker,
+    client: Client,  # type: ignore[no-untyped-def]
+) -> None:
+    """The spare worker takes the turn and is killed with SIGKILL mid-answer."""
+    from models_admin.models import Deployment
+
+    proc, queue = spare_worker
+    Deployment.objects.update(queue=queue)
+    chat_model.max_output_tokens = 400
+    chat_model.save()
+    user = user_create(username="bob")
+    conversation = conversation_create(user=user)
+    client.login(username="bob", password=PASSWORD)
+
+    from chat.services import turn_retry, turn_submit
+
+    outcome = turn_submit(user=user, conversation_id=conversation.pk, text="Tell me a long story.")
+    assert outcome.answer is not None
+    deadline = time.monotonic() + 60
+    while Message.objects.get(pk=outcome.answer.pk).status != "streaming":
+        assert time.monotonic() < deadline, "the spare worker never started the answer"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    time.sleep(4)  # the spare worker's lease (3 s) runs out
+    page = client.get(f"/chat/{conversation.pk}/").content.decode()
+    answer = Message.objects.get(pk=outcome.answer.pk)
+    assert answer.status == "failed" and "worker stopped" in answer.error
+    assert "Retry" in page
+    assert Message.objects.get(pk=outcome.question.pk).status == "sent"
+    assert Message.objects.filter(conversation=conversation).count() == 2
+    # The page's Retry sends the turn to a live worker, which answers it.
+    Deployment.objects.update(queue=TEST_QUEUE)
+    chat_model.max_output_tokens = 48
+    chat_model.save()
+    turn_retry(user=user, message_id=answer.pk)
+    deadline = time.monotonic() + 120
+    while (answer := Message.objects.get(pk=answer.pk)).status not in ("complete", "failed"):
+        assert time.monotonic() < deadline, "the retried answer never finished"
+        time.sleep(0.2)
+    assert answer.status == "complete" and answer.attempt == 2
