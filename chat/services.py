@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
@@ -46,7 +46,7 @@ def lease_key(message_id: int) -> str:
 
 
 @transaction.atomic
-def conversation_create(*, user: AbstractBaseUser, title: str = "") -> Conversation:
+def conversation_create(*, user: User, title: str = "") -> Conversation:
     conversation = Conversation.objects.create(
         user=user, title=title[:200], model_alias=settings.CHAT_DEFAULT_ALIAS
     )
@@ -88,7 +88,7 @@ def _estimate_reservation(*, conversation: Conversation, text: str, deployment: 
 def _enqueue(answer: Message, deployment: Deployment) -> None:
     from chat.tasks import generate_reply
 
-    generate_reply.apply_async(args=[answer.pk, answer.attempt], queue=deployment.queue)
+    generate_reply.apply_async(args=(answer.pk, answer.attempt), queue=deployment.queue)
 
 
 def _on_commit_notify(conversation_id: int, *message_ids: int, created: bool = False) -> None:
@@ -99,7 +99,7 @@ def _on_commit_notify(conversation_id: int, *message_ids: int, created: bool = F
 
 
 def turn_submit(
-    *, user: AbstractBaseUser, conversation_id: int, text: object, ip: str | None = None
+    *, user: User, conversation_id: int, text: object, ip: str | None = None
 ) -> TurnOutcome:
     """Save the user's message, admit it, and enqueue the answer.
 
@@ -150,7 +150,7 @@ def turn_submit(
     return TurnOutcome(question=question, answer=answer)
 
 
-def turn_stop(*, user: AbstractBaseUser, message_id: int) -> None:
+def turn_stop(*, user: User, message_id: int) -> None:
     """Ask the answer to stop. A running generation ends at its next decoding step and keeps
     its partial text; one that has not started yet is stopped here."""
     answer = message_get_for_user(user=user, message_id=message_id)
@@ -170,7 +170,7 @@ def turn_stop(*, user: AbstractBaseUser, message_id: int) -> None:
         )
 
 
-def turn_retry(*, user: AbstractBaseUser, message_id: int, ip: str | None = None) -> TurnOutcome:
+def turn_retry(*, user: User, message_id: int, ip: str | None = None) -> TurnOutcome:
     """Generate a failed answer again, as a new attempt of the same message."""
     answer = message_get_for_user(user=user, message_id=message_id)
     if answer.role != Message.Role.ASSISTANT or answer.status != Message.Status.FAILED:

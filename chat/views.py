@@ -1,4 +1,5 @@
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -8,9 +9,13 @@ from chat.rendering import MessageView
 from governance.quotas import quota_status
 
 
+class AuthenticatedHttpRequest(HttpRequest):
+    user: User  # login_required guarantees it
+
+
 @login_required
 @require_GET
-def index(request: HttpRequest) -> HttpResponse:
+def index(request: AuthenticatedHttpRequest) -> HttpResponse:
     conversations = selectors.conversation_list(user=request.user)[:100]
     return render(
         request,
@@ -21,14 +26,14 @@ def index(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def conversation_new(request: HttpRequest) -> HttpResponse:
+def conversation_new(request: AuthenticatedHttpRequest) -> HttpResponse:
     conversation = services.conversation_create(user=request.user)
     return redirect("chat:conversation", conversation_id=conversation.pk)
 
 
 @login_required
 @require_GET
-def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpResponse:
+def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: int) -> HttpResponse:
     conversation = selectors.conversation_get(user=request.user, conversation_id=conversation_id)
     services.conversation_reap_stale_turns(conversation_id=conversation.pk)
     messages = [

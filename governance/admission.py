@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from governance.audit import audit_record
@@ -18,7 +18,7 @@ class Refusal:
 @transaction.atomic
 def turn_admit(
     *,
-    user: AbstractBaseUser,
+    user: User,
     tokens: int,
     target_type: str,
     target_id: object,

@@ -7,7 +7,7 @@ PostgreSQL re-checks the WHERE clause against the row as the previous writer lef
 import datetime as dt
 from dataclasses import dataclass
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -52,7 +52,7 @@ def quota_resets_at(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 
-def quota_limit_for(user: AbstractBaseUser) -> int:
+def quota_limit_for(user: User) -> int:
     row = (
         DailyTokenQuota.objects.filter(user=user).first()
         or DailyTokenQuota.objects.filter(user__isnull=True).first()
@@ -60,7 +60,7 @@ def quota_limit_for(user: AbstractBaseUser) -> int:
     return row.tokens_per_day if row is not None else 0
 
 
-def quota_status(user: AbstractBaseUser) -> QuotaStatus:
+def quota_status(user: User) -> QuotaStatus:
     day = _today()
     usage = TokenUsage.objects.filter(user=user, day=day).first()
     return QuotaStatus(
@@ -72,7 +72,7 @@ def quota_status(user: AbstractBaseUser) -> QuotaStatus:
 
 
 @transaction.atomic
-def quota_reserve(*, user: AbstractBaseUser, tokens: int) -> QuotaReservation:
+def quota_reserve(*, user: User, tokens: int) -> QuotaReservation:
     """Hold `tokens` of today's quota, or raise QuotaExceeded. Never over-admits."""
     day = _today()
     limit = quota_limit_for(user)

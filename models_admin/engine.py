@@ -65,8 +65,8 @@ class Engine:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(self.device)
-        self.model.eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        self.model: Any = model.to(self.device).eval()
         self.eos_token_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         self._lock = threading.Lock()
         logger.info(
@@ -133,7 +133,7 @@ class Engine:
                     break
                 generated.append(token)
                 logprobs.append(logprob)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
                 hit = _find_stop(text, params.stop)
                 if hit is not None:
                     text = text[:hit]
@@ -147,7 +147,7 @@ class Engine:
                     break
                 inputs = torch.tensor([[token]], device=self.device)
         finished = time.perf_counter()
-        final = self.tokenizer.decode(generated, skip_special_tokens=True)
+        final = str(self.tokenizer.decode(generated, skip_special_tokens=True))
         hit = _find_stop(final, params.stop)
         if hit is not None:
             final = final[:hit]
