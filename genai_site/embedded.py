@@ -3,6 +3,7 @@
 Used only by the launcher, and only for the services whose URL is not already in the environment.
 """
 
+import json
 import logging
 import os
 import signal
@@ -30,11 +31,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _forget_dead_handles(path: Path) -> None:
+    """pgserver stops the server when its last user exits, counting users in this file; a user
+    killed without cleanup stays listed forever and the server would never stop again."""
+    if not path.exists():
+        return
+    try:
+        pids = json.loads(path.read_text())
+    except ValueError:
+        return
+    path.write_text(json.dumps([pid for pid in pids if _alive(int(pid))]))
+
+
 def start_postgres(var_dir: Path, stack: ExitStack) -> str:
     import pgserver
 
     data_dir = var_dir / "pgdata"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(data_dir / ".handle_pids.json")
     # cleanup_mode="stop": the server stops when the last process that started it exits.
     server: Any = pgserver.get_server(str(data_dir), cleanup_mode="stop")
     stack.callback(server.cleanup)
