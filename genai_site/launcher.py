@@ -127,6 +127,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # A shell that starts us in the background hands down SIGINT ignored; Ctrl-C must still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(prog="genai_site.launcher")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up_parser = sub.add_parser("up", help="serve the platform")
