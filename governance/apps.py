@@ -3,3 +3,16 @@ from django.apps import AppConfig
 
 class GovernanceConfig(AppConfig):
     name = "governance"
+
+    def ready(self) -> None:
+        from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+
+        from governance import signals
+
+        user_logged_in.connect(signals.audit_user_logged_in, dispatch_uid="governance.audit.login")
+        user_logged_out.connect(
+            signals.audit_user_logged_out, dispatch_uid="governance.audit.logout"
+        )
+        user_login_failed.connect(
+            signals.audit_user_login_failed, dispatch_uid="governance.audit.login_failed"
+        )

@@ -1,8 +1,93 @@
-from typing import Any
+"""The audit log: an append-only, hash-chained list of events.
+
+Every event stores `prev_hash`, the hash of the event before it (`GENESIS_HASH` for the first),
+and `hash`, a sha256 over its own content and `prev_hash`. Altering a row breaks its hash;
+removing or reordering rows breaks the next event's link. A trigger (migration 0003) refuses
+UPDATE and DELETE, so tampering needs the table owner's rights and still shows in
+`audit_verify`. Removing the newest events leaves a shorter chain that is still intact: keep
+the last hash that `verify_audit` prints somewhere else to notice that.
+"""
+
+import csv
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Literal
 
 from django.contrib.auth.models import AnonymousUser, User
+from django.db import connection, transaction
+from django.db.models import Max, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
 
 from governance.models import AuditEvent
+
+GENESIS_HASH = "0" * 64
+# Key of the transaction-level advisory lock that serializes appends, so that concurrent
+# writers (web, workers) cannot both link to the same previous event. Any constant will do;
+# this one is "audit" in ASCII.
+AUDIT_CHAIN_LOCK = 0x6175646974
+
+ExportFormat = Literal["csv", "jsonl"]
+EXPORT_FIELDS = (
+    "id",
+    "created_at",
+    "actor_id",
+    "actor_label",
+    "action",
+    "target_type",
+    "target_id",
+    "ip",
+    "details",
+    "prev_hash",
+    "hash",
+)
+
+
+def _canonical_json(value: Any) -> Any:
+    """The value as PostgreSQL's jsonb gives it back: jsonb keeps numbers as decimals, so a
+    whole float such as 1e16 returns as an int. Whole floats count as ints on both sides."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical_json(v) for v in value]
+    return value
+
+
+def _canonical_ip(ip: str | None) -> str | None:
+    """PostgreSQL's inet may spell an address differently than it was written (IPv6)."""
+    if not ip:
+        return None
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
+
+
+def audit_event_hash(event: AuditEvent) -> str:
+    """sha256 over a canonical JSON of the event's content and `prev_hash`."""
+    content = {
+        "prev_hash": event.prev_hash,
+        "actor_id": event.actor_id,
+        "actor_label": event.actor_label,
+        "action": event.action,
+        "target_type": event.target_type,
+        "target_id": event.target_id,
+        "details": _canonical_json(event.details),
+        "ip": _canonical_ip(event.ip),
+        "created_at": event.created_at.astimezone(UTC).isoformat(),
+    }
+    data = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def request_client_ip(request: HttpRequest | None) -> str | None:
+    return _canonical_ip(request.META.get("REMOTE_ADDR")) if request is not None else None
 
 
 def audit_record(
@@ -13,15 +98,134 @@ def audit_record(
     target_id: object = "",
     details: dict[str, Any] | None = None,
     ip: str | None = None,
+    actor_label: str | None = None,
 ) -> AuditEvent:
-    """Append one audit event. Call it inside the transaction of the change it records."""
+    """Append one audit event. Call it inside the transaction of the change it records.
+
+    The chain lock is then held until that transaction ends, so keep audited transactions
+    short. `actor_label` defaults to the user's name, or "system" without a user.
+    """
     user = actor if isinstance(actor, User) else None
-    return AuditEvent.objects.create(
-        actor=user,
-        actor_label=user.get_username() if user is not None else "system",
-        action=action,
-        target_type=target_type,
-        target_id=str(target_id),
-        details=details or {},
+    if actor_label is None:
+        actor_label = user.get_username() if user is not None else "system"
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
+        # Read after taking the lock: the previous holder has committed by now, and under
+        # READ COMMITTED this statement sees its event.
+        last_hash = AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
+        event = AuditEvent(
+            actor=user,
+            actor_label=actor_label[:150],
+            action=action,
+            target_type=target_type,
+            target_id=str(target_id),
+            details=details or {},
+            ip=_canonical_ip(ip),
+            created_at=timezone.now(),
+            prev_hash=last_hash or GENESIS_HASH,
+        )
+        event.hash = audit_event_hash(event)
+        event.save(force_insert=True)
+    return event
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    events: int  # events found intact, in id order, before the first broken one
+    last_hash: str  # hash of the last intact event (GENESIS_HASH if there is none)
+    broken_event_id: int | None = None
+    problem: str = ""
+
+    @property
+    def intact(self) -> bool:
+        return self.broken_event_id is None
+
+
+def audit_verify() -> AuditVerification:
+    """Walk the chain in id order and stop at the first event that does not check out."""
+    expected_prev = GENESIS_HASH
+    previous_id: int | None = None
+    count = 0
+    for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
+        problem = ""
+        if audit_event_hash(event) != event.hash:
+            problem = "hash mismatch: the row was altered after it was written"
+        elif event.prev_hash != expected_prev:
+            after = f"event {previous_id}" if previous_id is not None else "the chain's start"
+            problem = (
+                f"prev_hash mismatch: it does not follow {after}; "
+                "an event was removed or the rows were reordered"
+            )
+        if problem:
+            return AuditVerification(
+                events=count, last_hash=expected_prev, broken_event_id=event.pk, problem=problem
+            )
+        expected_prev, previous_id = event.hash, event.pk
+        count += 1
+    return AuditVerification(events=count, last_hash=expected_prev)
+
+
+def _export_row(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.pk,
+        "created_at": event.created_at.astimezone(UTC).isoformat(),
+        "actor_id": event.actor_id,
+        "actor_label": event.actor_label,
+        "action": event.action,
+        "target_type": event.target_type,
+        "target_id": event.target_id,
+        "ip": event.ip,
+        "details": event.details,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }
+
+
+class _Echo:
+    """A file-like object for csv.writer that hands back each line instead of storing it."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def _csv_cell(value: Any) -> Any:
+    # Spreadsheets run cells that start like a formula; actor labels and target ids can come
+    # from users (a failed login's username). JSON lines keep the exact values.
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
+def _csv_lines(events: QuerySet[AuditEvent]) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(EXPORT_FIELDS)
+    for event in events.iterator(chunk_size=2000):
+        row = _export_row(event)
+        row["details"] = json.dumps(row["details"], sort_keys=True, ensure_ascii=False)
+        yield writer.writerow([_csv_cell(row[field]) for field in EXPORT_FIELDS])
+
+
+def _jsonl_lines(events: QuerySet[AuditEvent]) -> Iterator[str]:
+    for event in events.iterator(chunk_size=2000):
+        yield json.dumps(_export_row(event), sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def audit_export(
+    *, events: QuerySet[AuditEvent], fmt: ExportFormat, actor: User | AnonymousUser, ip: str | None
+) -> Iterator[str]:
+    """Record the export as `audit.exported`, then return the events' lines in id order.
+
+    The lines are read lazily, as the response streams. The export is fixed to the events that
+    existed when it was asked for: appends are serialized, so later events have higher ids.
+    """
+    last_id = events.aggregate(last=Max("id"))["last"] or 0
+    events = events.filter(id__lte=last_id).order_by("id")
+    audit_record(
+        actor=actor,
+        action="audit.exported",
+        target_type="audit_event",
+        details={"format": fmt, "count": events.count(), "last_id": last_id},
         ip=ip,
     )
+    return _csv_lines(events) if fmt == "csv" else _jsonl_lines(events)

@@ -1,5 +1,6 @@
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class DailyTokenQuota(models.Model):
@@ -63,10 +64,21 @@ class QuotaReservation(models.Model):
 
 
 class AuditEvent(models.Model):
-    """Append-only record of what happened. Message content is referenced by id, never copied."""
+    """Append-only record of what happened. Message content is referenced by id, never copied.
 
+    Each event carries the sha256 of its own content and of the event before it (`prev_hash`),
+    so `governance.audit.audit_verify` can tell an altered, removed or reordered row. A database
+    trigger (migration 0003) refuses UPDATE and DELETE.
+    """
+
+    # No database constraint and no SET_NULL: deleting a user must not rewrite (and so break)
+    # the events that name them; `actor_label` keeps the name.
     actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
     )
     actor_label = models.CharField(max_length=150, blank=True)
     action = models.CharField(max_length=100, db_index=True)
@@ -74,10 +86,17 @@ class AuditEvent(models.Model):
     target_id = models.CharField(max_length=100, blank=True)
     details = models.JSONField(default=dict, blank=True)
     ip = models.GenericIPAddressField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Set in Python, not by the database, because it is part of the hashed content.
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    prev_hash = models.CharField(max_length=64, editable=False)
+    hash = models.CharField(max_length=64, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [
+            # Two events can never follow the same one: the chain cannot fork.
+            models.UniqueConstraint(fields=["prev_hash"], name="audit_event_prev_hash_unique")
+        ]
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.action}"
