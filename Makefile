@@ -57,3 +57,4 @@ manage: install
 
 bench: install-dev
 	$(PY) -m genai_site.launcher run -- $(PY) bench/turn_latency.py
+	$(PY) -m genai_site.launcher run -- $(PY) bench/engine_cpu.py

@@ -33,6 +33,7 @@ django.setup()
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 
+from bench.machine import machine_describe  # noqa: E402
 from chat.models import Message  # noqa: E402
 from chat.services import conversation_create  # noqa: E402
 from genai_site.launcher import worker_command  # noqa: E402
@@ -126,12 +127,8 @@ def main() -> None:
     engine_ms = [r[1] for r in results]
     overhead_ms = [s - e for s, e in zip(socket_ms, engine_ms, strict=True)]
     tps = [r[2] for r in results]
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-        platform.processor(),
-    )
     print(f"# turn latency: {TURNS} turns, SmolLM2-135M-Instruct fp32, one worker thread")
-    print(f"# machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
+    print(f"# machine: {machine_describe()}")
     print()
     print("| measure                                  | median (ms) | p95 (ms) |")
     print("| ---------------------------------------- | ----------: | -------: |")

@@ -19,7 +19,10 @@ from chat.models import Message
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
 from governance.quotas import quota_settle
-from models_admin.engine import EngineError, SamplingParams, engine_get
+from models_admin import metrics
+from models_admin.caches import exact_cache_get, exact_cache_key, exact_cache_put
+from models_admin.engine import EngineError, GenerationResult, SamplingParams, engine_get
+from models_admin.models import Deployment, ModelVersion
 from models_admin.store import artifact_dir
 
 logger = logging.getLogger(__name__)
@@ -121,6 +124,39 @@ def reply_generate(*, message_id: int, attempt: int) -> None:
     cache.delete(stop_key(message_id))
 
 
+def _cached_result(
+    key: str | None,
+    prompt_ids: list[int],
+    publisher: "_StreamPublisher",
+    answer: Message,
+    version: ModelVersion,
+) -> GenerationResult | None:
+    """The answer from the exact cache, streamed to the page at once; None on a miss."""
+    if key is None:
+        return None
+    started = time.perf_counter()
+    hit = exact_cache_get(key=key)
+    metrics.cache_observe(
+        deployment=answer.conversation.model_alias,
+        version=str(version),
+        cache="exact",
+        hit=hit is not None,
+    )
+    if hit is None:
+        return None
+    publisher.on_text(hit.text)
+    return GenerationResult(
+        text=hit.text,
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=hit.completion_tokens,
+        finish_reason=hit.finish_reason,
+        time_to_first_token_s=time.perf_counter() - started,
+        tokens_per_second=0.0,
+        token_logprobs=hit.token_logprobs,
+        cache="exact",
+    )
+
+
 def _generate(answer: Message, attempt: int) -> None:
     message_id = answer.pk
     transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))
@@ -129,21 +165,43 @@ def _generate(answer: Message, attempt: int) -> None:
     try:
         if version is None:
             raise EngineError("The answer has no model version.")
-        engine = engine_get(directory=artifact_dir(version.artifact_path), sha256=version.sha256)
+        engine = engine_get(
+            directory=artifact_dir(version.artifact_path),
+            sha256=version.sha256,
+            context_window=version.context_window,
+        )
         prompt_ids = context_build(answer=answer, version=version, engine=engine)
         params = SamplingParams(
             max_tokens=version.max_output_tokens,
             temperature=version.temperature,
             top_p=version.top_p,
         )
+        deployment = Deployment.objects.filter(alias=answer.conversation.model_alias).first()
+        cache_key = None
+        if deployment is not None and deployment.exact_cache_enabled:
+            cache_key = exact_cache_key(
+                version_id=version.pk,
+                sha256=version.sha256,
+                prompt_text=str(engine.tokenizer.decode(prompt_ids)),
+                params=params,
+            )
         # No connection is held while the model runs.
         close_old_connections()
-        result = engine.generate(
-            prompt_ids, params, on_text=publisher.on_text, cancelled=publisher.cancelled
-        )
+        result = _cached_result(cache_key, prompt_ids, publisher, answer, version)
+        if result is None:
+            result = engine.generate(
+                prompt_ids, params, on_text=publisher.on_text, cancelled=publisher.cancelled
+            )
+            if cache_key is not None and deployment is not None:
+                exact_cache_put(
+                    key=cache_key, result=result, ttl_seconds=deployment.cache_ttl_seconds
+                )
         publisher.flush()
     except Exception as exc:
         logger.exception("Generation of answer %s failed", message_id)
+        metrics.generation_observe(
+            deployment=answer.conversation.model_alias, version=str(version), outcome="failed"
+        )
         reason = str(exc) if isinstance(exc, EngineError) else "The model failed to answer."
         answer_fail(
             message_id=message_id,
@@ -154,6 +212,17 @@ def _generate(answer: Message, attempt: int) -> None:
         return
 
     stopped = result.finish_reason == "cancelled"
+    # The figures saved on the message below are these same measurements.
+    metrics.generation_observe(
+        deployment=answer.conversation.model_alias,
+        version=str(version),
+        outcome="stopped" if stopped else "cached" if result.cache else "complete",
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        time_to_first_token_s=result.time_to_first_token_s,
+        tokens_per_second=result.tokens_per_second,
+        queue_wait_s=result.queue_wait_s,
+    )
     with transaction.atomic():
         won = Message.objects.filter(
             pk=message_id, attempt=attempt, status=Message.Status.STREAMING
@@ -171,7 +240,8 @@ def _generate(answer: Message, attempt: int) -> None:
         if answer.reservation_id:
             quota_settle(
                 reservation_id=answer.reservation_id,
-                tokens_used=result.prompt_tokens + result.completion_tokens,
+                # A cached answer spent no model time; it is not charged.
+                tokens_used=0 if result.cache else result.prompt_tokens + result.completion_tokens,
             )
         audit_record(
             actor=None,
@@ -184,6 +254,7 @@ def _generate(answer: Message, attempt: int) -> None:
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "finish_reason": result.finish_reason,
+                "cache": result.cache or None,
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

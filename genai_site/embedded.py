@@ -23,7 +23,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,7 +40,7 @@ def _forget_dead_handles(path: Path) -> None:
         pids = json.loads(path.read_text())
     except ValueError:
         return
-    path.write_text(json.dumps([pid for pid in pids if _alive(int(pid))]))
+    path.write_text(json.dumps([pid for pid in pids if process_alive(int(pid))]))
 
 
 def start_postgres(var_dir: Path, stack: ExitStack) -> str:
@@ -76,7 +76,7 @@ def start_redis(var_dir: Path, stack: ExitStack) -> str:
             server.shutdown()
         except Exception:  # the connection drops as the server exits
             pass
-        if pid and _alive(pid):
+        if pid and process_alive(pid):
             os.kill(pid, signal.SIGTERM)
 
     stack.callback(stop)

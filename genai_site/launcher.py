@@ -9,6 +9,7 @@ PostgreSQL and Redis come from DATABASE_URL / REDIS_URL when set, embedded ones 
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from genai_site.embedded import ensure_services
+from genai_site.embedded import ensure_services, process_alive
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -40,6 +41,24 @@ def _local_defaults(var_dir: Path) -> None:
     os.environ.setdefault("DJANGO_HSTS_SECONDS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir(var_dir))
+
+
+def _metrics_dir(var_dir: Path) -> Path:
+    """A fresh directory where this launch's web and worker processes pool Prometheus samples.
+
+    One per launch: files left by an earlier run would be summed in, and a second launcher
+    (`make manage` beside `make up`) must not wipe the first one's.
+    """
+    root = var_dir / "prometheus"
+    root.mkdir(exist_ok=True)
+    for old in root.iterdir():
+        if not (old.name.isdigit() and process_alive(int(old.name))):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = root / str(os.getpid())
+    mine.mkdir(exist_ok=True)
+    return mine
 
 
 def _manage(*args: str) -> None:

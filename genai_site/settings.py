@@ -141,6 +141,9 @@ CHAT_GENERATION_LEASE_SECONDS = env.int("CHAT_GENERATION_LEASE_SECONDS", default
 # Tokens are pushed to the page at most this often (seconds), in small batches.
 CHAT_STREAM_FLUSH_SECONDS = env.float("CHAT_STREAM_FLUSH_SECONDS", default=0.05)
 
+# /metrics answers staff sessions, or a scraper sending "Authorization: Bearer <METRICS_TOKEN>".
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -28,5 +28,12 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
-    list_display = ("alias", "primary_version", "queue", "is_active", "updated_at")
+    list_display = (
+        "alias",
+        "primary_version",
+        "queue",
+        "is_active",
+        "exact_cache_enabled",
+        "updated_at",
+    )
     list_select_related = ("primary_version__model",)

@@ -1,11 +1,16 @@
-"""The local transformers engine: owns one model on its device and streams tokens from it.
+"""The local transformers engine: one per model per worker process, batching every sequence.
 
-One engine per (artifact, hash) per worker process. This first engine decodes one sequence at
-a time under a lock, with our own step loop (not `generate()`) so that a stop request takes
-effect at the next step and every token's log-probability is at hand.
+Celery tasks (threads) call `Engine.generate`, which queues a request and blocks reading tokens
+back. One decoding thread owns the model: between steps it admits waiting requests (prefill into
+a free KV slot), then runs one batched forward for every sequence in flight (continuous
+batching); a sequence leaves when it ends, is cancelled or hits its limit, and its slot goes to
+the next request. Detokenisation, stop strings and the caller's callbacks run on the caller's
+thread, so the decoding thread does nothing but model steps and sampling.
 """
 
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models_admin import metrics
+from models_admin.sampling import find_stop, sample_rows
+
 logger = logging.getLogger(__name__)
+
+# How long a caller waits for tokens before it checks its own `cancelled` callback again.
+_POLL_SECONDS = 0.05
 
 
 class EngineError(Exception):
@@ -28,6 +39,10 @@ class ArtifactHashMismatch(EngineError):
     pass
 
 
+class InsufficientMemory(EngineError):
+    pass
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -35,6 +50,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Keep going past the end-of-sequence token (benchmarks force fixed-length answers).
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -45,14 +62,99 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "cancelled"
     time_to_first_token_s: float
     tokens_per_second: float
+    queue_wait_s: float = 0.0
     token_logprobs: list[float] = field(default_factory=list)
+    # Which response cache answered ("exact", "semantic"), or "" when the model did.
+    cache: str = ""
+
+    @property
+    def mean_logprob(self) -> float | None:
+        if not self.token_logprobs:
+            return None
+        return sum(self.token_logprobs) / len(self.token_logprobs)
+
+
+@dataclass
+class _Finish:
+    reason: str
+    error: EngineError | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new: int
+    generator: Any
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    events: "queue.SimpleQueue[tuple[int, float] | _Finish]" = field(
+        default_factory=queue.SimpleQueue
+    )
+    cancel: threading.Event = field(default_factory=threading.Event)
+    # Owned by the decoding thread.
+    length: int = 0
+    last_token: int = 0
+    produced: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Live figures of the decoding loop (read by the metrics exporter)."""
+
+    in_flight: int = 0
+    waiting: int = 0
+    steps: int = 0
+    tokens: int = 0
+    last_batch: int = 0
+
+
+class _IncrementalText:
+    """Text of a growing token list, decoding only a short window per new token.
+
+    Decoding the whole answer after every token costs O(n) each time; here each token costs
+    a decode of the last few tokens. The window starts a few tokens back so that a token
+    which only completes a multi-byte character (shown as U+FFFD alone) is handled.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into text
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        window = self.tokens[self._prefix :]
+        before = self._decode(self.tokens[self._prefix : self._read])
+        after = self._decode(window)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix = self._read
+            self._read = len(self.tokens)
+
+    def final(self) -> str:
+        return self._decode(self.tokens)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True)) if tokens else ""
 
 
 class Engine:
-    def __init__(self, directory: Path, *, expected_sha256: str):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        expected_sha256: str,
+        max_batch: int | None = None,
+        max_len: int | None = None,
+        cpu_fp16_weights: bool | None = None,
+    ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from models_admin.llama import LlamaRunner
         from models_admin.store import artifact_sha256
 
         actual = artifact_sha256(directory)
@@ -63,19 +165,53 @@ class Engine:
             )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if max_batch is None:
+            max_batch = int(os.environ.get("ENGINE_MAX_BATCH", "8"))
+        if cpu_fp16_weights is None:
+            cpu_fp16_weights = os.environ.get("ENGINE_CPU_WEIGHTS", "fp16") == "fp16"
+        config = AutoConfig.from_pretrained(directory)
+        max_len = max_len or int(getattr(config, "max_position_embeddings", 2048))
+        _memory_check(directory, config, max_batch=max_batch, max_len=max_len, dtype=dtype)
+
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-        self.model: Any = model.to(self.device).eval()
-        self.eos_token_ids = _eos_ids(self.model.generation_config, self.tokenizer)
-        self._lock = threading.Lock()
+        hf_model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        self.eos_token_ids = _eos_ids(hf_model.generation_config, self.tokenizer)
+        self.runner = LlamaRunner(
+            hf_model,
+            device=self.device,
+            dtype=dtype,
+            max_batch=max_batch,
+            max_len=max_len,
+            cpu_fp16_weights=cpu_fp16_weights,
+            compile_decode=os.environ.get("ENGINE_COMPILE", "0") == "1",
+        )
+        del hf_model
+        self.max_batch = max_batch
+        self.max_len = max_len
+        # Prompt tokens per prefill forward: bounds the wait of those already decoding.
+        self.prefill_tokens = int(os.environ.get("ENGINE_PREFILL_TOKENS", "2048"))
+        self.stats = EngineStats()
+        self.label = f"{directory.parent.name}/{directory.name}"
+        self._batch_size = metrics.BATCH_SIZE.labels(model=self.label)
+        self._in_flight = metrics.IN_FLIGHT.labels(model=self.label)
+        self._waiting: list[_Request] = []
+        self._active: list[_Request] = []
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
         logger.info(
-            "Loaded %s on %s (%s) in %.1fs",
+            "Loaded %s on %s (%s, %s weights, %d slots of %d tokens) in %.1fs",
             directory,
             self.device,
             dtype,
+            "fp16" if cpu_fp16_weights and self.device.type == "cpu" else str(dtype),
+            max_batch,
+            max_len,
             time.perf_counter() - started,
         )
+
+    # -- the caller's side (any thread) ------------------------------------------------------
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
@@ -94,77 +230,253 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> GenerationResult:
-        with self._lock:
-            return self._generate(prompt_ids, params, on_text, cancelled)
-
-    def _generate(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        on_text: Callable[[str], None] | None,
-        cancelled: Callable[[], bool] | None,
-    ) -> GenerationResult:
+        """Generate one answer; blocks until it ends. Safe to call from many threads at once."""
         import torch
-        from transformers import DynamicCache
 
+        if not prompt_ids:
+            raise EngineError("The prompt is empty.")
+        room = self.max_len - len(prompt_ids)
+        if room < 1:
+            raise EngineError(
+                f"The prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_len}."
+            )
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        generated: list[int] = []
+        request = _Request(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            max_new=min(params.max_tokens, room),
+            generator=generator,
+        )
+        with self._wake:
+            self._waiting.append(request)
+            self.stats.waiting = len(self._waiting)
+            self._wake.notify()
+        return self._collect(request, on_text, cancelled)
+
+    def _collect(
+        self,
+        request: _Request,
+        on_text: Callable[[str], None] | None,
+        cancelled: Callable[[], bool] | None,
+    ) -> GenerationResult:
+        text = _IncrementalText(self.tokenizer)
         logprobs: list[float] = []
         emitted = ""
-        finish_reason = "length"
-        cache = DynamicCache()
-        inputs = torch.tensor([prompt_ids], device=self.device)
-        with torch.inference_mode():
-            for _ in range(params.max_tokens):
-                if cancelled is not None and cancelled():
-                    finish_reason = "cancelled"
+        first_token_at: float | None = None
+        finish_reason = ""
+        last_check = 0.0
+        while not finish_reason:
+            try:
+                events = [request.events.get(timeout=_POLL_SECONDS)]
+            except queue.Empty:
+                events = []
+            # Everything that arrived meanwhile is handled in one go: with many streams the
+            # callers must not compete with the decoding thread for the interpreter.
+            while True:
+                try:
+                    events.append(request.events.get_nowait())
+                except queue.Empty:
                     break
-                out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True)
-                logits = out.logits[0, -1].float()
-                token, logprob = _sample(logits, params, generator)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if token in self.eos_token_ids:
-                    finish_reason = "stop"
+            now = time.perf_counter()
+            for event in events:
+                if isinstance(event, _Finish):
+                    if event.error is not None:
+                        raise event.error
+                    finish_reason = event.reason
                     break
-                generated.append(token)
+                token, logprob = event
+                first_token_at = first_token_at or now
+                text.add(token)
                 logprobs.append(logprob)
-                text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
-                hit = _find_stop(text, params.stop)
-                if hit is not None:
-                    text = text[:hit]
-                    finish_reason = "stop"
-                # An incomplete UTF-8 sequence decodes to U+FFFD; wait for the next token.
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    if on_text is not None:
-                        on_text(text[len(emitted) :])
-                    emitted = text
-                if hit is not None:
-                    break
-                inputs = torch.tensor([[token]], device=self.device)
+            hit = find_stop(text.text, request.params.stop)
+            shown = text.text if hit is None else text.text[:hit]
+            if len(shown) > len(emitted):
+                if on_text is not None:
+                    on_text(shown[len(emitted) :])
+                emitted = shown
+            if hit is not None:
+                request.cancel.set()
+                finish_reason = "stop"
+            # Checked after every batch of tokens and, while waiting, every _POLL_SECONDS: a
+            # stop takes effect at the next step.
+            elif (
+                not finish_reason
+                and cancelled is not None
+                and (events or now - last_check >= _POLL_SECONDS)
+            ):
+                last_check = now
+                if cancelled():
+                    request.cancel.set()
+                    finish_reason = "cancelled"
         finished = time.perf_counter()
-        final = str(self.tokenizer.decode(generated, skip_special_tokens=True))
-        hit = _find_stop(final, params.stop)
+        final = text.final()
+        hit = find_stop(final, request.params.stop)
         if hit is not None:
             final = final[:hit]
         if len(final) > len(emitted) and on_text is not None and final.startswith(emitted):
             on_text(final[len(emitted) :])
-        ttft = (first_token_at or finished) - started
+        generated = len(text.tokens)
+        ttft = (first_token_at or finished) - request.submitted_at
         decode_time = finished - (first_token_at or finished)
-        tps = (len(generated) - 1) / decode_time if len(generated) > 1 and decode_time > 0 else 0.0
+        tps = (generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0
+        started = request.started_at or finished
         return GenerationResult(
             text=final,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(generated),
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=generated,
             finish_reason=finish_reason,
             time_to_first_token_s=ttft,
             tokens_per_second=tps,
+            queue_wait_s=max(0.0, started - request.submitted_at),
             token_logprobs=logprobs,
         )
+
+    # -- the decoding thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._active:
+                    self._wake.wait()
+                free = self.max_batch - len(self._active)
+                joining, self._waiting = self._waiting[:free], self._waiting[free:]
+                self.stats.waiting = len(self._waiting)
+            self._in_flight.set(len(self._active) + len(joining) + len(self._waiting))
+            try:
+                self._admit(joining)
+                self._retire()
+                if self._active:
+                    self._step()
+                    self._retire()
+            except Exception as exc:  # the loop must outlive any one bad batch
+                logger.exception("Decoding step failed; failing the sequences in flight")
+                error = EngineError(f"The model failed: {exc}", retryable=True)
+                for request in self._active:
+                    request.events.put(_Finish("error", error))
+                self._active = []
+            self.stats.in_flight = len(self._active)
+            if not self._active and not self._waiting:
+                self._in_flight.set(0)
+
+    def _admit(self, joining: list[_Request]) -> None:
+        """Prefill newcomers into free slots, several prompts per forward up to a token budget."""
+        chunk: list[_Request] = []
+        for request in joining:
+            request.started_at = time.perf_counter()
+            if request.cancel.is_set():
+                request.events.put(_Finish("cancelled"))
+                continue
+            width = max([len(r.prompt_ids) for r in chunk] + [len(request.prompt_ids)])
+            if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(request)
+        if chunk:
+            self._prefill(chunk)
+
+    def _prefill(self, chunk: list[_Request]) -> None:
+        first_slot = len(self._active)
+        slots = list(range(first_slot, first_slot + len(chunk)))
+        try:
+            logits = self.runner.prefill(slots=slots, prompts=[r.prompt_ids for r in chunk])
+        except Exception as exc:
+            logger.exception("Prefill failed")
+            for request in chunk:
+                request.events.put(_Finish("error", EngineError(f"The model failed: {exc}")))
+            return
+        for request in chunk:
+            request.length = len(request.prompt_ids)
+            self._active.append(request)
+        self._emit(chunk, logits)
+
+    def _step(self) -> None:
+        batch = self._active
+        logits = self.runner.decode(
+            token_ids=[r.last_token for r in batch],
+            positions=[r.length - 1 for r in batch],
+        )
+        self.stats.steps += 1
+        self.stats.last_batch = len(batch)
+        self._batch_size.observe(len(batch))
+        self._emit(batch, logits)
+
+    def _emit(self, batch: list[_Request], logits: Any) -> None:
+        """Sample one token per row; hand it to its caller; mark sequences that are done."""
+        picks = sample_rows(logits, [r.params for r in batch], [r.generator for r in batch])
+        for request, (token, logprob) in zip(batch, picks, strict=True):
+            if request.cancel.is_set():
+                request.events.put(_Finish("cancelled"))
+                request.produced = -1
+                continue
+            if token in self.eos_token_ids and not request.params.ignore_eos:
+                request.events.put(_Finish("stop"))
+                request.produced = -1
+                continue
+            request.events.put((token, logprob))
+            self.stats.tokens += 1
+            request.last_token = token
+            request.length += 1
+            request.produced += 1
+            if request.produced >= request.max_new or request.length >= self.max_len:
+                request.events.put(_Finish("length"))
+                request.produced = -1
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled sequences, keeping the active slots contiguous."""
+        i = 0
+        while i < len(self._active):
+            request = self._active[i]
+            if request.produced >= 0 and not request.cancel.is_set():
+                i += 1
+                continue
+            if request.produced >= 0:  # cancelled between steps
+                request.events.put(_Finish("cancelled"))
+            last = self._active.pop()
+            if last is not request:
+                # The last slot's sequence moves into the freed slot (its length - 1 entries are
+                # written; the newest token is written at the next step).
+                self.runner.slot_move(source=len(self._active), target=i, length=last.length)
+                self._active[i] = last
+
+
+def _memory_check(
+    directory: Path, config: Any, *, max_batch: int, max_len: int, dtype: Any
+) -> None:
+    """Weights plus the KV cache budget must fit the device, or the load stops with a reason."""
+    import torch
+
+    from models_admin.llama import LlamaRunner
+
+    weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    kv = LlamaRunner.kv_bytes(config, max_batch=max_batch, max_len=max_len, dtype=dtype)
+    # Loading goes through an fp32 copy of the weights before they are packed for serving.
+    needed = 2 * weights + kv
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        where = "GPU"
+    else:
+        free = _available_ram()
+        where = "RAM"
+    if free and needed > free:
+        raise InsufficientMemory(
+            f"The model needs about {needed / 2**30:.1f} GiB of {where} "
+            f"({weights / 2**30:.1f} GiB weights, {kv / 2**30:.1f} GiB KV cache for "
+            f"{max_batch} sequences of {max_len} tokens); {free / 2**30:.1f} GiB is free. "
+            "Lower ENGINE_MAX_BATCH or the model's context window."
+        )
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _eos_ids(generation_config: Any, tokenizer: Any) -> set[int]:
@@ -175,38 +487,19 @@ def _eos_ids(generation_config: Any, tokenizer: Any) -> set[int]:
     return found
 
 
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    positions = [text.find(s) for s in stops if s and s in text]
-    return min(positions) if positions else None
-
-
-def _sample(logits: Any, params: SamplingParams, generator: Any) -> tuple[int, float]:
-    import torch
-
-    logp = torch.log_softmax(logits, dim=-1)
-    if params.temperature <= 0:
-        token = int(torch.argmax(logp))
-        return token, float(logp[token])
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logp[token])
-
-
 _engines: dict[tuple[str, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def engine_get(*, directory: Path, sha256: str) -> Engine:
-    """The process's engine for an artifact, loaded (and its hash verified) on first use."""
+def engine_get(*, directory: Path, sha256: str, context_window: int | None = None) -> Engine:
+    """The process's engine for an artifact, loaded (and its hash verified) on first use.
+
+    `context_window` sizes the KV cache (default: the model's own maximum).
+    """
     key = (str(directory), sha256)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = Engine(directory, expected_sha256=sha256)
+            engine = Engine(directory, expected_sha256=sha256, max_len=context_window)
             _engines[key] = engine
         return engine

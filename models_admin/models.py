@@ -65,6 +65,13 @@ class Deployment(models.Model):
         max_length=100, default="inference", help_text="Celery queue whose workers serve it"
     )
     is_active = models.BooleanField(default=True)
+    exact_cache_enabled = models.BooleanField(
+        default=True,
+        help_text="Answer repeated deterministic requests (temperature 0 or a seed) from Redis.",
+    )
+    cache_ttl_seconds = models.PositiveIntegerField(
+        default=86400, help_text="How long a cached answer may be served."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -3,12 +3,13 @@
 import hashlib
 from pathlib import Path
 
-from django.conf import settings
-
 HASH_FILE = "artifact.sha256"
 
 
 def store_root() -> Path:
+    # Imported here so that the engine (which needs only `artifact_sha256`) runs without Django.
+    from django.conf import settings
+
     return Path(settings.MODEL_STORE)
 
 

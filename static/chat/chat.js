@@ -10,3 +10,6 @@ document.addEventListener("keydown", (event) => {
     target.form.requestSubmit();
   }
 });
+// The socket's state on <body data-socket="open|closed">: styles can show it, tests wait on it.
+document.addEventListener("htmx:wsOpen", () => { document.body.dataset.socket = "open"; });
+document.addEventListener("htmx:wsClose", () => { document.body.dataset.socket = "closed"; });

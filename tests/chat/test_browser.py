@@ -35,8 +35,8 @@ def test_log_in_chat_watch_the_answer_stream_and_find_it_after_reload(
         page.click("button[type=submit]")
         page.click("#new-conversation")
         expect(page.locator("#composer-text")).to_be_visible()
-        page.wait_for_function("document.querySelector('[ws-connect]') !== null")
-        page.wait_for_timeout(500)  # the socket opens after the page loads
+        # The socket opens after the page loads; sending before that would be lost.
+        page.wait_for_selector("body[data-socket=open]", timeout=30_000)
 
         page.fill("#composer-text", "What is the capital of France?")
         page.click("#send")

@@ -1,16 +1,42 @@
-"""The engine on the real model: hash check at load, greedy determinism, stop at the next step."""
+"""The batching engine on the real model: hash check, greedy determinism, batching, cancellation."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from models_admin.engine import ArtifactHashMismatch, Engine, SamplingParams, engine_get
+from models_admin.engine import (
+    ArtifactHashMismatch,
+    Engine,
+    GenerationResult,
+    InsufficientMemory,
+    SamplingParams,
+)
 from models_admin.store import artifact_dir
+
+LONG = "Write a very long story about a dragon, at least 500 words."
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain what a hash function is.",
+    "List three uses of copper.",
+]
 
 
 @pytest.fixture(scope="module")
 def engine(model_artifact) -> Engine:  # type: ignore[no-untyped-def]
-    return engine_get(
-        directory=artifact_dir(model_artifact.artifact_path), sha256=model_artifact.sha256
+    # Two slots, so that tests can fill the batch and make a request wait.
+    return Engine(
+        artifact_dir(model_artifact.artifact_path),
+        expected_sha256=model_artifact.sha256,
+        max_batch=2,
+        max_len=1024,
     )
+
+
+def _prompt(engine: Engine, text: str) -> list[int]:
+    return engine.encode_chat([{"role": "user", "content": text}])
 
 
 def test_weights_whose_hash_differs_from_the_registry_are_refused(model_artifact) -> None:  # type: ignore[no-untyped-def]
@@ -18,8 +44,18 @@ def test_weights_whose_hash_differs_from_the_registry_are_refused(model_artifact
         Engine(artifact_dir(model_artifact.artifact_path), expected_sha256="f" * 64)
 
 
+def test_a_kv_cache_larger_than_memory_is_refused_at_load_with_the_figures(model_artifact) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InsufficientMemory, match="GiB KV cache for 100000 sequences"):
+        Engine(
+            artifact_dir(model_artifact.artifact_path),
+            expected_sha256=model_artifact.sha256,
+            max_batch=100_000,
+            max_len=8192,
+        )
+
+
 def test_greedy_answers_are_repeatable_and_stream_the_same_text(engine: Engine) -> None:
-    prompt = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = _prompt(engine, PROMPTS[0])
     pieces: list[str] = []
     first = engine.generate(prompt, SamplingParams(max_tokens=24), on_text=pieces.append)
     second = engine.generate(prompt, SamplingParams(max_tokens=24))
@@ -29,20 +65,125 @@ def test_greedy_answers_are_repeatable_and_stream_the_same_text(engine: Engine) 
     assert all(lp <= 0 for lp in first.token_logprobs)
 
 
+def test_batched_answers_equal_unbatched_ones_under_greedy_decoding(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=40)
+    alone = [engine.generate(_prompt(engine, p), params) for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: engine.generate(_prompt(engine, p), params), PROMPTS))
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert engine.stats.last_batch == 2 or max(r.queue_wait_s for r in together) > 0
+
+
+def test_a_request_joining_mid_flight_is_served_beside_the_running_one(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=80)
+    reference = engine.generate(_prompt(engine, PROMPTS[2]), SamplingParams(max_tokens=20))
+    long_started = threading.Event()
+    results: dict[str, GenerationResult] = {}
+
+    def long_answer() -> None:
+        results["long"] = engine.generate(
+            _prompt(engine, LONG), params, on_text=lambda _: long_started.set()
+        )
+
+    runner = threading.Thread(target=long_answer)
+    runner.start()
+    assert long_started.wait(60)
+    results["short"] = engine.generate(_prompt(engine, PROMPTS[2]), SamplingParams(max_tokens=20))
+    long_still_running = runner.is_alive()
+    runner.join(120)
+    assert long_still_running, "the short answer should finish while the long one runs"
+    assert results["short"].text == reference.text
+    assert results["long"].completion_tokens > 20
+
+
+def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: Engine) -> None:
+    # Both slots busy with long answers; a third request waits until one is cancelled.
+    stop_first, stop_second = threading.Event(), threading.Event()
+    received = [0, 0]
+    results: list[GenerationResult | None] = [None, None]
+
+    def occupy(i: int) -> None:
+        def count(_: str) -> None:
+            received[i] += 1
+
+        results[i] = engine.generate(
+            _prompt(engine, LONG),
+            SamplingParams(max_tokens=400),
+            on_text=count,
+            cancelled=stop_first.is_set if i == 0 else stop_second.is_set,
+        )
+
+    threads = [threading.Thread(target=occupy, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while min(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    waiting = threading.Thread(
+        target=lambda: results.append(
+            engine.generate(_prompt(engine, PROMPTS[0]), SamplingParams(max_tokens=8))
+        )
+    )
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and engine.stats.waiting == 1
+    stop_first.set()
+    waiting.join(60)
+    assert not waiting.is_alive(), "the waiting request should take the freed slot"
+    assert threads[1].is_alive(), "the other long answer is still running"
+    stop_second.set()
+    for t in threads:
+        t.join(10)
+    first = results[0]
+    assert first is not None and first.finish_reason == "cancelled"
+    third = results[2]
+    assert third is not None and third.completion_tokens > 0 and third.queue_wait_s > 0.4
+
+
 def test_cancellation_stops_at_the_next_step(engine: Engine) -> None:
-    prompt = engine.encode_chat([{"role": "user", "content": "Count from one to one hundred."}])
-    steps = 0
+    prompt = _prompt(engine, LONG)
+    seen: list[str] = []
+    result = engine.generate(
+        prompt,
+        SamplingParams(max_tokens=200),
+        on_text=seen.append,
+        cancelled=lambda: len("".join(seen)) >= 20,
+    )
+    assert result.finish_reason == "cancelled"
+    assert result.text == "".join(seen)
+    # Tokens that were already decoded when the stop was seen, and no more than a step or two.
+    assert 3 <= result.completion_tokens <= 12
 
-    def cancelled() -> bool:
-        nonlocal steps
-        steps += 1
-        return steps > 5
 
-    result = engine.generate(prompt, SamplingParams(max_tokens=200), cancelled=cancelled)
-    assert result.finish_reason == "cancelled" and result.completion_tokens == 5
+def test_incremental_text_equals_decoding_everything_at_once(engine: Engine) -> None:
+    from models_admin.engine import _IncrementalText
+
+    for sample in ["Héllo wörld ✓ — 你好, 🙂 emoji!", "  spaced   out\n\nlines\t"]:
+        ids = engine.tokenizer.encode(sample, add_special_tokens=False)
+        text = _IncrementalText(engine.tokenizer)
+        for token in ids:
+            text.add(token)
+        assert text.text == text.final() == engine.tokenizer.decode(ids)
 
 
 def test_stop_strings_end_the_answer(engine: Engine) -> None:
-    prompt = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = _prompt(engine, PROMPTS[0])
     result = engine.generate(prompt, SamplingParams(max_tokens=24, stop=("Paris",)))
     assert result.finish_reason == "stop" and "Paris" not in result.text
+
+
+def test_a_seed_makes_sampled_answers_repeatable(engine: Engine) -> None:
+    prompt = _prompt(engine, PROMPTS[1])
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7)
+    first = engine.generate(prompt, params)
+    second = engine.generate(prompt, params)
+    other = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=8))
+    assert first.text == second.text
+    assert other.text != first.text
+
+
+def test_a_prompt_longer_than_the_window_is_refused_with_the_limit(engine: Engine) -> None:
+    from models_admin.engine import EngineError
+
+    with pytest.raises(EngineError, match="at most 1024"):
+        engine.generate([1] * 2000, SamplingParams(max_tokens=4))

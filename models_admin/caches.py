@@ -1,0 +1,73 @@
+"""Response caches: a repeated deterministic request is answered without the model.
+
+Exact cache (Redis): the key is the model version (id and weight hash), the prompt as the
+model would see it after normalisation (Unicode NFC, runs of whitespace collapsed) and every
+sampling parameter. Only deterministic requests are cached: greedy decoding (temperature 0) or
+a fixed seed; anything else would freeze one random draw into every later answer.
+"""
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+
+from django.core.cache import cache
+
+from models_admin.engine import GenerationResult, SamplingParams
+
+_WHITESPACE = re.compile(r"\s+")
+_PREFIX = "answer:exact:"
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    text: str
+    completion_tokens: int
+    finish_reason: str
+    token_logprobs: list[float]
+
+
+def prompt_normalize(text: str) -> str:
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def exact_cache_key(
+    *, version_id: int, sha256: str, prompt_text: str, params: SamplingParams
+) -> str | None:
+    """The key for a request, or None when the request is not deterministic."""
+    if params.temperature > 0 and params.seed is None:
+        return None
+    material = json.dumps(
+        {
+            "version": version_id,
+            "sha256": sha256,
+            "prompt": prompt_normalize(prompt_text),
+            "params": asdict(params),
+        },
+        sort_keys=True,
+    )
+    return _PREFIX + hashlib.sha256(material.encode()).hexdigest()
+
+
+def exact_cache_get(*, key: str) -> CachedAnswer | None:
+    stored = cache.get(key)
+    if not isinstance(stored, dict):
+        return None
+    try:
+        return CachedAnswer(**stored)
+    except TypeError:  # written by an older layout
+        return None
+
+
+def exact_cache_put(*, key: str, result: GenerationResult, ttl_seconds: int) -> None:
+    """Keep a finished answer; cancelled or empty answers are never cached."""
+    if result.finish_reason not in ("stop", "length") or not result.text:
+        return
+    answer = CachedAnswer(
+        text=result.text,
+        completion_tokens=result.completion_tokens,
+        finish_reason=result.finish_reason,
+        token_logprobs=result.token_logprobs,
+    )
+    cache.set(key, asdict(answer), timeout=ttl_seconds)
