@@ -138,7 +138,7 @@ async def test_an_output_hold_keeps_the_text_for_review_and_shows_held_for_revie
 
     answer = (await _messages(conversation.pk))[1]
     assert answer.status == "held" and "Paris" in answer.content
-    hold = await SafetyHold.objects.aget(pk=answer.safety_hold_id)
+    hold = await SafetyHold.objects.aget(id=answer.safety_hold_id or 0)
     assert hold.direction == "output" and hold.status == "pending"
     assert hold.filter == "blocklist" and hold.target_id == str(answer_id)
     assert hold.user_id == user.pk
@@ -156,7 +156,7 @@ async def test_an_input_hold_keeps_the_question_without_asking_the_model() -> No
 
     [question] = await _messages(conversation.pk)
     assert question.content == "My SSN is 123-45-6789, is that safe?"
-    hold = await SafetyHold.objects.aget(pk=question.safety_hold_id)
+    hold = await SafetyHold.objects.aget(id=question.safety_hold_id or 0)
     assert hold.direction == "input" and hold.filter == "pii"
     assert hold.findings["filters"]["pii"]["kinds"] == {"ssn": 1}
     [held] = await _audit_details("turn.held")
