@@ -67,7 +67,7 @@ def main() -> None:
     injection = InjectionFilter(threshold=args.threshold)
     blocklist = BlocklistFilter(terms=TERMS)
 
-    counts = {d: Counter() for d in DETECTORS}
+    counts: dict[str, Counter[str]] = {d: Counter() for d in DETECTORS}
     errors = []
     for ex in examples:
         truth, got = set(ex["labels"]), predicted(ex["text"], pii, injection, blocklist)
@@ -99,8 +99,8 @@ def main() -> None:
         )
     if args.show_errors:
         print("\nmisclassified (text, expected, got):")
-        for text, truth, got in errors:
-            print(f"- {text!r}: expected {truth}, got {got}")
+        for text, expected, found in errors:
+            print(f"- {text!r}: expected {expected}, got {found}")
 
     input_pipeline = Pipeline(
         [
