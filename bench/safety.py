@@ -52,6 +52,8 @@ def predicted(
 
 
 def _pct(values: list[float], q: float) -> float:
+    if len(values) < 2:
+        return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
