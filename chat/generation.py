@@ -146,13 +146,13 @@ def _generate(answer: Message, attempt: int) -> None:
     message_id = answer.pk
     transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))
     version = answer.model_version
-    deployment_id = (
-        Deployment.objects.filter(alias=answer.conversation.model_alias)
-        .values_list("pk", flat=True)
-        .first()
-    )
-    publisher = _StreamPublisher(answer, safety_output_pipeline(deployment_id=deployment_id))
     try:
+        deployment_id = (
+            Deployment.objects.filter(alias=answer.conversation.model_alias)
+            .values_list("pk", flat=True)
+            .first()
+        )
+        publisher = _StreamPublisher(answer, safety_output_pipeline(deployment_id=deployment_id))
         if version is None:
             raise EngineError("The answer has no model version.")
         engine = engine_get(directory=artifact_dir(version.artifact_path), sha256=version.sha256)

@@ -177,3 +177,21 @@ async def test_the_redacted_and_refused_questions_stay_out_of_the_next_prompt() 
     assert [m.status for m in messages] == ["refused", "sent", "complete"]
     assert await Message.objects.filter(status="held").acount() == 0
     await comm.disconnect()
+
+
+async def test_an_output_redact_policy_streams_and_saves_the_answer_redacted() -> None:
+    await _policy(output_blocklist="redact")
+    await BlockedTerm.objects.acreate(term="breathtaking")
+    _, conversation, cookie = await _user_with_conversation()
+    comm = await _connect(conversation.pk, cookie)
+    await send(comm, text="Tell me about the moon.")
+    answer_id = await _first_answer_id(comm)
+    frames = await receive_until(comm, answer_id, {"complete"})
+
+    shown = [t for f in frames for mid, _, t in f.messages if mid == answer_id]
+    assert all("breathtaking" not in t.lower() for t in shown)
+    assert any("[BLOCKED]" in t for t in shown)
+    answer = (await _messages(conversation.pk))[1]
+    assert answer.status == "complete" and answer.completion_tokens == 48
+    assert "[BLOCKED] sight" in answer.content and "breathtaking" not in answer.content
+    await comm.disconnect()
