@@ -15,4 +15,4 @@ class MessageAdmin(admin.ModelAdmin):
     list_display = ("pk", "conversation", "role", "status", "completion_tokens", "created_at")
     list_filter = ("role", "status")
     list_select_related = ("conversation",)
-    raw_id_fields = ("conversation", "reply_to", "reservation")
+    raw_id_fields = ("conversation", "reply_to", "reservation", "safety_hold")

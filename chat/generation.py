@@ -18,7 +18,12 @@ from chat.context import context_build
 from chat.models import Message
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
+from governance.holds import safety_hold_create
+from governance.models import SafetyHold
 from governance.quotas import quota_settle
+from governance.safety.base import Action
+from governance.safety.pipeline import Pipeline, Verdict
+from governance.safety.policy import safety_output_pipeline
 from models_admin import metrics
 from models_admin.caches import exact_cache_get, exact_cache_key, exact_cache_put
 from models_admin.engine import EngineError, GenerationResult, SamplingParams, engine_get
@@ -61,14 +66,21 @@ class _Lease:
 
 
 class _StreamPublisher:
-    """Pushes the answer so far to the page in small batches."""
+    """Pushes the answer so far to the page in small batches, through the output filters.
 
-    def __init__(self, answer: Message):
+    Every batch is checked before it is sent, so no text reaches the page unfiltered. A batch
+    the policy redacts is sent redacted; one it blocks or holds is not sent at all: the trip is
+    kept, `cancelled` turns true, and the engine stops at its next step.
+    """
+
+    def __init__(self, answer: Message, guard: Pipeline):
         self.answer = answer
+        self.guard = guard
         self.text = ""
         self.tokens = 0
         self.last_flush = 0.0
         self.flushed_text = ""
+        self.trip: Verdict | None = None
 
     def on_text(self, delta: str) -> None:
         self.text += delta
@@ -77,14 +89,22 @@ class _StreamPublisher:
             self.flush()
 
     def flush(self) -> None:
-        if self.text == self.flushed_text:
+        if self.trip is not None or self.text == self.flushed_text:
             return
-        live.live_tokens(self.answer.conversation_id, self.answer.pk, self.text, self.tokens)
+        verdict = self.guard.run(self.text)
+        if verdict.stops:
+            self.trip = verdict
+            return
+        live.live_tokens(self.answer.conversation_id, self.answer.pk, verdict.text, self.tokens)
         self.flushed_text = self.text
         self.last_flush = time.monotonic()
 
+    def verdict(self, text: str) -> Verdict:
+        """The verdict on the finished answer: the trip that stopped it, or a last check."""
+        return self.trip if self.trip is not None else self.guard.run(text)
+
     def cancelled(self) -> bool:
-        return cache.get(stop_key(self.answer.pk)) is not None
+        return self.trip is not None or cache.get(stop_key(self.answer.pk)) is not None
 
 
 def _claim(message_id: int, attempt: int) -> Message | None:
@@ -161,8 +181,10 @@ def _generate(answer: Message, attempt: int) -> None:
     message_id = answer.pk
     transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))
     version = answer.model_version
-    publisher = _StreamPublisher(answer)
     try:
+        deployment = Deployment.objects.filter(alias=answer.conversation.model_alias).first()
+        deployment_id = deployment.pk if deployment is not None else None
+        publisher = _StreamPublisher(answer, safety_output_pipeline(deployment_id=deployment_id))
         if version is None:
             raise EngineError("The answer has no model version.")
         engine = engine_get(
@@ -176,7 +198,6 @@ def _generate(answer: Message, attempt: int) -> None:
             temperature=version.temperature,
             top_p=version.top_p,
         )
-        deployment = Deployment.objects.filter(alias=answer.conversation.model_alias).first()
         cache_key = None
         if deployment is not None and deployment.exact_cache_enabled:
             cache_key = exact_cache_key(
@@ -211,12 +232,24 @@ def _generate(answer: Message, attempt: int) -> None:
         )
         return
 
-    stopped = result.finish_reason == "cancelled"
+    verdict = publisher.verdict(result.text)
+    content, error = verdict.text, ""
+    if verdict.action == Action.BLOCK:
+        status = Message.Status.BLOCKED
+        content, error = "", f"This answer was stopped by the safety filter: {verdict.reason}."
+    elif verdict.action == Action.HOLD:
+        # The full text is kept for the reviewer; the page never shows it.
+        status = Message.Status.HELD
+        content, error = result.text, f"Held for review: {verdict.reason}."
+    elif result.finish_reason == "cancelled":
+        status = Message.Status.STOPPED
+    else:
+        status = Message.Status.COMPLETE
     # The figures saved on the message below are these same measurements.
     metrics.generation_observe(
         deployment=answer.conversation.model_alias,
         version=str(version),
-        outcome="stopped" if stopped else "cached" if result.cache else "complete",
+        outcome="cached" if result.cache and status == Message.Status.COMPLETE else str(status),
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         time_to_first_token_s=result.time_to_first_token_s,
@@ -227,8 +260,9 @@ def _generate(answer: Message, attempt: int) -> None:
         won = Message.objects.filter(
             pk=message_id, attempt=attempt, status=Message.Status.STREAMING
         ).update(
-            status=Message.Status.STOPPED if stopped else Message.Status.COMPLETE,
-            content=result.text,
+            status=status,
+            content=content,
+            error=error,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             time_to_first_token_ms=result.time_to_first_token_s * 1000,
@@ -237,6 +271,18 @@ def _generate(answer: Message, attempt: int) -> None:
         )
         if not won:
             return
+        hold_id = None
+        if status == Message.Status.HELD:
+            hold = safety_hold_create(
+                verdict=verdict,
+                direction=SafetyHold.Direction.OUTPUT,
+                target_type="message",
+                target_id=message_id,
+                deployment_id=deployment_id,
+                user_id=answer.conversation.user_id,
+            )
+            Message.objects.filter(pk=message_id).update(safety_hold=hold)
+            hold_id = hold.pk
         if answer.reservation_id:
             quota_settle(
                 reservation_id=answer.reservation_id,
@@ -253,8 +299,10 @@ def _generate(answer: Message, attempt: int) -> None:
                 "attempt": attempt,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "finish_reason": result.finish_reason,
+                "finish_reason": "safety" if verdict.stops else result.finish_reason,
                 "cache": result.cache or None,
+                **({"safety": verdict.summary()} if verdict.trips else {}),
+                **({"hold": hold_id} if hold_id else {}),
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

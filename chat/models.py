@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.db import models
 
-from governance.models import QuotaReservation
+from governance.models import QuotaReservation, SafetyHold
 from models_admin.models import ModelVersion
 
 
@@ -35,12 +35,16 @@ class Message(models.Model):
         # user messages
         SENT = "sent"
         REFUSED = "refused"
+        # either role: a safety filter kept the text for review (`safety_hold` says why)
+        HELD = "held"
         # assistant messages
         PENDING = "pending"
         STREAMING = "streaming"
         COMPLETE = "complete"
         STOPPED = "stopped"
         FAILED = "failed"
+        # the output filter stopped the answer; `error` says why, the text is not kept
+        BLOCKED = "blocked"
 
     conversation = models.ForeignKey(
         Conversation, on_delete=models.CASCADE, related_name="messages"
@@ -60,6 +64,11 @@ class Message(models.Model):
     reservation = models.ForeignKey(
         QuotaReservation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Set when a safety filter held this message's text for review; the text stays in
+    # `content` but is not shown to the user until a reviewer decides.
+    safety_hold = models.ForeignKey(
+        SafetyHold, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     # Bumped on every retry; a task carries the attempt it was enqueued for, so a redelivered or
     # superseded task can tell that the turn is no longer its own.
     attempt = models.PositiveIntegerField(default=0)
@@ -75,10 +84,18 @@ class Message(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=(
-                    models.Q(role="user", status__in=["sent", "refused"])
+                    models.Q(role="user", status__in=["sent", "refused", "held"])
                     | models.Q(
                         role="assistant",
-                        status__in=["pending", "streaming", "complete", "stopped", "failed"],
+                        status__in=[
+                            "pending",
+                            "streaming",
+                            "complete",
+                            "stopped",
+                            "failed",
+                            "blocked",
+                            "held",
+                        ],
                     )
                 ),
                 name="message_status_fits_role",

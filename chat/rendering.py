@@ -37,6 +37,9 @@ class MessageView:
     def of(cls, message: Message) -> "MessageView":
         if message.role == Message.Role.USER:
             html = linebreaks(escape(message.content))
+        elif message.status in (Message.Status.BLOCKED, Message.Status.HELD):
+            # A stopped or held answer is replaced by its notice; the text is not shown.
+            html = ""
         else:
             html = markdown_render(message.content)
         return cls(

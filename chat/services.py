@@ -13,7 +13,7 @@ from django.utils import timezone
 from chat import live
 from chat.models import Conversation, Message
 from chat.selectors import conversation_get, message_get_for_user
-from governance.admission import Refusal, turn_admit
+from governance.admission import Held, Refusal, turn_admit, turn_screen
 from governance.audit import audit_record
 from governance.quotas import quota_release
 from models_admin.models import Deployment
@@ -103,8 +103,10 @@ def turn_submit(
 ) -> TurnOutcome:
     """Save the user's message, admit it, and enqueue the answer.
 
-    Raises TurnRejected (nothing saved) for input that cannot be a turn. A quota refusal saves
-    the message as refused, with the reason, so the user keeps what they wrote.
+    Raises TurnRejected (nothing saved) for input that cannot be a turn. The input safety
+    filters run first: what is stored and sent on is their verdict's text (personal data
+    redacted where the policy says so). A safety or quota refusal saves the message as refused,
+    with the reason, so the user keeps what they wrote; a held one is saved as held.
     """
     clean = _validated_text(text)
     with transaction.atomic():
@@ -117,23 +119,35 @@ def turn_submit(
             deployment = deployment_resolve(alias=conversation.model_alias)
         except DeploymentUnavailable as exc:
             raise TurnRejected(f"The model is not available: {exc}") from exc
+        verdict = turn_screen(text=clean, deployment_id=deployment.pk)
         question = Message.objects.create(
             conversation=conversation,
             role=Message.Role.USER,
             status=Message.Status.SENT,
-            content=clean,
+            content=verdict.text,
         )
-        tokens = _estimate_reservation(conversation=conversation, text=clean, deployment=deployment)
+        tokens = _estimate_reservation(
+            conversation=conversation, text=verdict.text, deployment=deployment
+        )
         admission = turn_admit(
-            user=user, tokens=tokens, target_type="message", target_id=question.pk, ip=ip
+            user=user,
+            tokens=tokens,
+            target_type="message",
+            target_id=question.pk,
+            ip=ip,
+            verdict=verdict,
+            deployment_id=deployment.pk,
         )
         if not conversation.title:
-            conversation.title = clean[:80]
+            conversation.title = verdict.text[:80]
         conversation.save(update_fields=["title", "updated_at"])
-        if isinstance(admission, Refusal):
+        if isinstance(admission, Refusal | Held):
             question.status = Message.Status.REFUSED
+            if isinstance(admission, Held):
+                question.status = Message.Status.HELD
+                question.safety_hold = admission.hold
             question.error = admission.reason
-            question.save(update_fields=["status", "error"])
+            question.save(update_fields=["status", "error", "safety_hold"])
             _on_commit_notify(conversation.pk, question.pk, created=True)
             return TurnOutcome(question=question, answer=None, refusal=admission.reason)
         answer = Message.objects.create(
@@ -190,7 +204,7 @@ def turn_retry(*, user: User, message_id: int, ip: str | None = None) -> TurnOut
         admission = turn_admit(
             user=user, tokens=tokens, target_type="message", target_id=answer.pk, ip=ip
         )
-        if isinstance(admission, Refusal):
+        if isinstance(admission, Refusal | Held):
             raise TurnRejected(admission.reason)
         won = Message.objects.filter(pk=answer.pk, status=Message.Status.FAILED).update(
             status=Message.Status.PENDING,

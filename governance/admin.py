@@ -2,13 +2,23 @@ import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import phonenumbers
 from asgiref.sync import sync_to_async
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
 from governance.audit import ExportFormat, audit_export, request_client_ip
-from governance.models import AuditEvent, DailyTokenQuota, TokenUsage
+from governance.models import (
+    AuditEvent,
+    BlockedTerm,
+    DailyTokenQuota,
+    SafetyHold,
+    SafetyPolicy,
+    TokenUsage,
+)
+from governance.safety_settings import safety_setting_delete, safety_setting_save
 
 
 @admin.register(DailyTokenQuota)
@@ -84,3 +94,83 @@ class AuditEventAdmin(admin.ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[AuditEvent]
     ) -> StreamingHttpResponse:
         return _export_response(request, queryset, "jsonl")
+
+
+class SafetyPolicyForm(forms.ModelForm):
+    class Meta:
+        model = SafetyPolicy
+        fields = (
+            "deployment",
+            "input_pii",
+            "input_injection",
+            "input_blocklist",
+            "output_pii",
+            "output_blocklist",
+            "injection_threshold",
+            "phone_region",
+        )
+
+    def clean_phone_region(self) -> str:
+        region = str(self.cleaned_data["phone_region"]).upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise forms.ValidationError(f"'{region}' is not a region code phone numbers use.")
+        return region
+
+
+class _AuditedSafetySetting(admin.ModelAdmin):
+    """Saves and deletes go through the service, which writes the audit event."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        safety_setting_save(
+            obj=obj, actor=request.user, ip=request_client_ip(request), changed=form.changed_data
+        )
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        safety_setting_delete(obj=obj, actor=request.user, ip=request_client_ip(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+
+@admin.register(SafetyPolicy)
+class SafetyPolicyAdmin(_AuditedSafetySetting):
+    form = SafetyPolicyForm
+    list_display = (
+        "deployment",
+        "input_pii",
+        "input_injection",
+        "input_blocklist",
+        "output_pii",
+        "output_blocklist",
+        "injection_threshold",
+        "updated_at",
+    )
+    list_select_related = ("deployment",)
+    fieldsets = (
+        (None, {"fields": ("deployment",)}),
+        ("Input", {"fields": ("input_pii", "input_injection", "input_blocklist")}),
+        ("Output (checked as it streams)", {"fields": ("output_pii", "output_blocklist")}),
+        ("Detectors", {"fields": ("injection_threshold", "phone_region")}),
+    )
+
+
+@admin.register(BlockedTerm)
+class BlockedTermAdmin(_AuditedSafetySetting):
+    list_display = ("term", "note", "created_at")
+    search_fields = ("term",)
+
+
+@admin.register(SafetyHold)
+class SafetyHoldAdmin(admin.ModelAdmin):
+    """Read-only until the review queue decides holds; the held text is on the message."""
+
+    list_display = ("created_at", "direction", "filter", "target_id", "user", "status")
+    list_filter = ("status", "direction", "filter")
+    list_select_related = ("user",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
