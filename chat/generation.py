@@ -14,12 +14,13 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from chat import live
-from chat.context import context_build
+from chat.context import context_build_grounded
+from chat.knowledge.citations import citations_store
 from chat.models import Message
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
 from governance.quotas import quota_settle
-from models_admin.engine import EngineError, SamplingParams, engine_get
+from models_admin.engine import EngineError, GenerationResult, SamplingParams, engine_get
 from models_admin.store import artifact_dir
 
 logger = logging.getLogger(__name__)
@@ -130,18 +131,28 @@ def _generate(answer: Message, attempt: int) -> None:
         if version is None:
             raise EngineError("The answer has no model version.")
         engine = engine_get(directory=artifact_dir(version.artifact_path), sha256=version.sha256)
-        prompt_ids = context_build(answer=answer, version=version, engine=engine)
-        params = SamplingParams(
-            max_tokens=version.max_output_tokens,
-            temperature=version.temperature,
-            top_p=version.top_p,
-        )
-        # No connection is held while the model runs.
-        close_old_connections()
-        result = engine.generate(
-            prompt_ids, params, on_text=publisher.on_text, cancelled=publisher.cancelled
-        )
-        publisher.flush()
+        built = context_build_grounded(answer=answer, version=version, engine=engine)
+        if built.no_match_answer is not None:
+            result = GenerationResult(
+                text=built.no_match_answer,
+                prompt_tokens=0,
+                completion_tokens=0,
+                finish_reason="no_match",
+                time_to_first_token_s=0.0,
+                tokens_per_second=0.0,
+            )
+        else:
+            params = SamplingParams(
+                max_tokens=version.max_output_tokens,
+                temperature=version.temperature,
+                top_p=version.top_p,
+            )
+            # No connection is held while the model runs.
+            close_old_connections()
+            result = engine.generate(
+                built.prompt_ids, params, on_text=publisher.on_text, cancelled=publisher.cancelled
+            )
+            publisher.flush()
     except Exception as exc:
         logger.exception("Generation of answer %s failed", message_id)
         reason = str(exc) if isinstance(exc, EngineError) else "The model failed to answer."
@@ -168,6 +179,7 @@ def _generate(answer: Message, attempt: int) -> None:
         )
         if not won:
             return
+        citations_store(message_id=message_id, passages=built.passages)
         if answer.reservation_id:
             quota_settle(
                 reservation_id=answer.reservation_id,
@@ -184,6 +196,7 @@ def _generate(answer: Message, attempt: int) -> None:
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "finish_reason": result.finish_reason,
+                "cited_chunks": [p.chunk_id for p in built.passages],
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))
