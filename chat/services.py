@@ -258,6 +258,8 @@ def _ids(value: object) -> list[int]:
     if value is None or value == "":
         return []
     values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str | int) for v in values):
+        raise TurnRejected("Those knowledge bases could not be read.")
     try:
         return sorted({int(v) for v in values})
     except (TypeError, ValueError) as exc:
