@@ -257,13 +257,16 @@ def _ids(value: object) -> list[int]:
     """Knowledge base ids from a form: absent, one value, or a list of them."""
     if value is None or value == "":
         return []
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, str | int) for v in values):
-        raise TurnRejected("Those knowledge bases could not be read.")
-    try:
-        return sorted({int(v) for v in values})
-    except (TypeError, ValueError) as exc:
-        raise TurnRejected("Those knowledge bases could not be read.") from exc
+    values: list[object] = value if isinstance(value, list) else [value]
+    ids: set[int] = set()
+    for v in values:
+        try:
+            if not isinstance(v, str | int):
+                raise ValueError(v)
+            ids.add(int(v))
+        except ValueError as exc:
+            raise TurnRejected("Those knowledge bases could not be read.") from exc
+    return sorted(ids)
 
 
 def conversation_knowledge_bases_set(
