@@ -124,8 +124,8 @@ def main() -> None:
     print()
     print("| mode | p50 (ms) | p95 (ms) |")
     print("| --- | ---: | ---: |")
-    for mode, timings in latencies.items():
-        print(f"| {mode} | {statistics.median(timings):.1f} | {percentile(timings, 0.95):.1f} |")
+    for label, timings in latencies.items():
+        print(f"| {label} | {statistics.median(timings):.1f} | {percentile(timings, 0.95):.1f} |")
 
 
 if __name__ == "__main__":
