@@ -3,7 +3,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 
@@ -88,6 +88,9 @@ class DocumentInline(admin.TabularInline):
     def progress(self, document: Document) -> str:
         return _progress(document)
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Document]:
+        return super().get_queryset(request).defer("source", "text")
+
 
 def _progress(document: Document) -> str:
     if document.status == Document.Status.EMBEDDING and document.chunks_total:
@@ -105,9 +108,12 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     search_fields = ("name",)
     inlines = [DocumentInline]
 
-    @admin.display(description="documents")
+    @admin.display(description="documents", ordering="document_count")
     def document_count(self, kb: KnowledgeBase) -> int:
-        return kb.documents.count()
+        return kb.document_count  # type: ignore[attr-defined]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[KnowledgeBase]:
+        return super().get_queryset(request).annotate(document_count=Count("documents"))
 
     def save_model(self, request: HttpRequest, obj: KnowledgeBase, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
@@ -178,6 +184,10 @@ class DocumentAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Document]:
+        # The uploaded bytes and the full text are not shown in the list.
+        return super().get_queryset(request).defer("source")
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, document: Document) -> str:

@@ -102,3 +102,33 @@ def test_a_user_who_is_not_staff_cannot_reach_the_knowledge_base_admin():
     response = client.post("/admin/chat/knowledgebase/add/", {"name": "Sneaky"})
     assert response.status_code == 302
     assert not KnowledgeBase.objects.filter(name="Sneaky").exists()
+
+
+def _queries_for(client: Client, url: str) -> int:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        assert client.get(url).status_code == 200
+    return len(captured)
+
+
+def test_the_document_and_knowledge_base_lists_cost_the_same_queries_for_more_rows():
+    operator = User.objects.create_superuser("lister", password="x-very-long-password-1")
+    client = Client()
+    client.force_login(operator)
+
+    def add(count: int) -> None:
+        kb = knowledge_base_create(f"KB {KnowledgeBase.objects.count()}")
+        for i in range(count):
+            Document.objects.create(knowledge_base=kb, filename=f"{i}.txt", status="ready")
+
+    add(2)
+    documents, bases = (
+        _queries_for(client, "/admin/chat/document/"),
+        _queries_for(client, "/admin/chat/knowledgebase/"),
+    )
+    add(5)
+    add(3)
+    assert _queries_for(client, "/admin/chat/document/") == documents
+    assert _queries_for(client, "/admin/chat/knowledgebase/") == bases
