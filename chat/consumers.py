@@ -28,7 +28,11 @@ def _owns(user: Any, conversation_id: int) -> bool:
 
 @database_sync_to_async
 def _message_view(message_id: int, conversation_id: int) -> MessageView | None:
-    message = Message.objects.filter(pk=message_id, conversation_id=conversation_id).first()
+    message = (
+        Message.objects.filter(pk=message_id, conversation_id=conversation_id)
+        .prefetch_related("citations")
+        .first()
+    )
     return MessageView.of(message) if message else None
 
 
@@ -106,6 +110,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await _call(
                     services.turn_retry, user=user, message_id=message_id, ip=self._client_ip()
                 )
+        elif action == "knowledge":
+            chosen = await _call(
+                services.conversation_knowledge_bases_set,
+                user=user,
+                conversation_id=self.conversation_id,
+                knowledge_base_ids=payload.get("knowledge_base"),
+            )
+            names = ", ".join(kb.name for kb in chosen) or "none"
+            await self.send(
+                text_data=notice_fragment(f"Knowledge bases in use: {names}.", level="info")
+            )
         else:
             await self.send(text_data=notice_fragment(f"Unknown action '{str(action)[:40]}'."))
 

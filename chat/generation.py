@@ -14,7 +14,8 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from chat import live
-from chat.context import context_build
+from chat.context import context_build_grounded
+from chat.knowledge.citations import citations_store
 from chat.models import Message
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
@@ -192,32 +193,45 @@ def _generate(answer: Message, attempt: int) -> None:
             sha256=version.sha256,
             context_window=version.context_window,
         )
-        prompt_ids = context_build(answer=answer, version=version, engine=engine)
-        params = SamplingParams(
-            max_tokens=version.max_output_tokens,
-            temperature=version.temperature,
-            top_p=version.top_p,
-        )
-        cache_key = None
-        if deployment is not None and deployment.exact_cache_enabled:
-            cache_key = exact_cache_key(
-                version_id=version.pk,
-                sha256=version.sha256,
-                prompt_text=str(engine.tokenizer.decode(prompt_ids)),
+        built = context_build_grounded(answer=answer, version=version, engine=engine)
+        if built.no_match_answer is not None:
+            result = GenerationResult(
+                text=built.no_match_answer,
+                prompt_tokens=0,
+                completion_tokens=0,
+                finish_reason="no_match",
+                time_to_first_token_s=0.0,
+                tokens_per_second=0.0,
+            )
+        else:
+            params = SamplingParams(
+                max_tokens=version.max_output_tokens,
+                temperature=version.temperature,
+                top_p=version.top_p,
+            )
+            cache = ReplyCache.for_turn(
+                answer=answer,
+                version=version,
+                deployment=deployment,
+                engine=engine,
+                prompt_ids=built.prompt_ids,
                 params=params,
             )
-        # No connection is held while the model runs.
-        close_old_connections()
-        result = _cached_result(cache_key, prompt_ids, publisher, answer, version)
-        if result is None:
-            result = engine.generate(
-                prompt_ids, params, on_text=publisher.on_text, cancelled=publisher.cancelled
-            )
-            if cache_key is not None and deployment is not None:
-                exact_cache_put(
-                    key=cache_key, result=result, ttl_seconds=deployment.cache_ttl_seconds
+            # No connection is held while the model runs.
+            close_old_connections()
+            cached = cache.lookup(built.prompt_ids)
+            if cached is not None:
+                result, text = cached
+                publisher.on_text(text)
+            else:
+                result = engine.generate(
+                    built.prompt_ids,
+                    params,
+                    on_text=publisher.on_text,
+                    cancelled=publisher.cancelled,
                 )
-        publisher.flush()
+                cache.store(result)
+            publisher.flush()
     except Exception as exc:
         logger.exception("Generation of answer %s failed", message_id)
         metrics.generation_observe(
@@ -271,18 +285,50 @@ def _generate(answer: Message, attempt: int) -> None:
         )
         if not won:
             return
-        hold_id = None
-        if status == Message.Status.HELD:
-            hold = safety_hold_create(
-                verdict=verdict,
-                direction=SafetyHold.Direction.OUTPUT,
-                target_type="message",
-                target_id=message_id,
-                deployment_id=deployment_id,
-                user_id=answer.conversation.user_id,
+        engine = engine_get(
+            directory=artifact_dir(version.artifact_path),
+            sha256=version.sha256,
+            context_window=version.context_window,
+        )
+        built = context_build_grounded(answer=answer, version=version, engine=engine)
+        if built.no_match_answer is not None:
+            result = GenerationResult(
+                text=built.no_match_answer,
+                prompt_tokens=0,
+                completion_tokens=0,
+                finish_reason="no_match",
+                time_to_first_token_s=0.0,
+                tokens_per_second=0.0,
             )
-            Message.objects.filter(pk=message_id).update(safety_hold=hold)
-            hold_id = hold.pk
+        else:
+            params = SamplingParams(
+                max_tokens=version.max_output_tokens,
+                temperature=version.temperature,
+                top_p=version.top_p,
+            )
+            cache = ReplyCache.for_turn(
+                answer=answer,
+                version=version,
+                deployment=deployment,
+                engine=engine,
+                prompt_ids=built.prompt_ids,
+                params=params,
+            )
+            # No connection is held while the model runs.
+            close_old_connections()
+            cached = cache.lookup(built.prompt_ids)
+            if cached is not None:
+                result, text = cached
+                publisher.on_text(text)
+            else:
+                result = engine.generate(
+                    built.prompt_ids,
+                    params,
+                    on_text=publisher.on_text,
+                    cancelled=publisher.cancelled,
+                )
+                cache.store(result)
+            publisher.flush()
         if answer.reservation_id:
             quota_settle(
                 reservation_id=answer.reservation_id,
@@ -299,10 +345,50 @@ def _generate(answer: Message, attempt: int) -> None:
                 "attempt": attempt,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "finish_reason": "safety" if verdict.stops else result.finish_reason,
-                "cache": result.cache or None,
-                **({"safety": verdict.summary()} if verdict.trips else {}),
-                **({"hold": hold_id} if hold_id else {}),
+        engine = engine_get(
+            directory=artifact_dir(version.artifact_path),
+            sha256=version.sha256,
+            context_window=version.context_window,
+        )
+        built = context_build_grounded(answer=answer, version=version, engine=engine)
+        if built.no_match_answer is not None:
+            result = GenerationResult(
+                text=built.no_match_answer,
+                prompt_tokens=0,
+                completion_tokens=0,
+                finish_reason="no_match",
+                time_to_first_token_s=0.0,
+                tokens_per_second=0.0,
+            )
+        else:
+            params = SamplingParams(
+                max_tokens=version.max_output_tokens,
+                temperature=version.temperature,
+                top_p=version.top_p,
+            )
+            cache = ReplyCache.for_turn(
+                answer=answer,
+                version=version,
+                deployment=deployment,
+                engine=engine,
+                prompt_ids=built.prompt_ids,
+                params=params,
+            )
+            # No connection is held while the model runs.
+            close_old_connections()
+            cached = cache.lookup(built.prompt_ids)
+            if cached is not None:
+                result, text = cached
+                publisher.on_text(text)
+            else:
+                result = engine.generate(
+                    built.prompt_ids,
+                    params,
+                    on_text=publisher.on_text,
+                    cancelled=publisher.cancelled,
+                )
+                cache.store(result)
+            publisher.flush()
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

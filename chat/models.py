@@ -1,7 +1,11 @@
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVectorField
 from django.db import models
+from pgvector.django import HnswIndex, VectorField
 
 from governance.models import QuotaReservation, SafetyHold
+from models_admin.embeddings import EMBEDDING_DIM
 from models_admin.models import ModelVersion
 
 
@@ -11,6 +15,9 @@ class Conversation(models.Model):
     )
     title = models.CharField(max_length=200, blank=True)
     model_alias = models.CharField(max_length=100)
+    knowledge_bases = models.ManyToManyField(
+        "chat.KnowledgeBase", blank=True, related_name="conversations"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -112,3 +119,147 @@ class Message(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in (self.Status.PENDING, self.Status.STREAMING)
+
+
+class KnowledgeBase(models.Model):
+    """A set of documents that conversations may search; `groups` says who may use it."""
+
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True)
+    groups = models.ManyToManyField(
+        "auth.Group",
+        blank=True,
+        related_name="knowledge_bases",
+        help_text="Members of these groups may use this knowledge base in their conversations.",
+    )
+    # Chunk sizes are counted in the embedding model's word pieces (it reads at most 256).
+    chunk_tokens = models.PositiveIntegerField(default=200)
+    chunk_overlap_tokens = models.PositiveIntegerField(default=40)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(chunk_tokens__gte=16, chunk_tokens__lte=256),
+                name="knowledge_base_chunk_tokens_in_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(chunk_overlap_tokens__lt=models.F("chunk_tokens") / 2),
+                name="knowledge_base_overlap_below_half_chunk",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Document(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        PARSING = "parsing"
+        EMBEDDING = "embedding"
+        READY = "ready"
+        FAILED = "failed"
+
+    knowledge_base = models.ForeignKey(
+        KnowledgeBase, on_delete=models.CASCADE, related_name="documents"
+    )
+    filename = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=20, blank=True)
+    # The uploaded bytes, kept for re-ingestion; empty when the upload was refused.
+    source = models.BinaryField(blank=True, default=b"")
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    content_sha256 = models.CharField(max_length=64, blank=True)
+    # The cleaned text the chunks were cut from.
+    text = models.TextField(blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    error = models.TextField(blank=True)
+    # Bumped by every upload or re-ingest request; a task only works for its own generation.
+    generation = models.PositiveIntegerField(default=1)
+    chunks_total = models.PositiveIntegerField(default=0)
+    chunks_embedded = models.PositiveIntegerField(default=0)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    ingested_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["knowledge_base", "filename"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["knowledge_base", "filename"], name="document_filename_unique_in_kb"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.filename
+
+
+class Chunk(models.Model):
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="chunks")
+    # Denormalised from the document so that filtered searches need no join.
+    knowledge_base = models.ForeignKey(
+        KnowledgeBase, on_delete=models.CASCADE, related_name="chunks"
+    )
+    position = models.PositiveIntegerField()
+    text = models.TextField()
+    content_sha256 = models.CharField(max_length=64)
+    token_count = models.PositiveIntegerField()
+    start_char = models.PositiveIntegerField()
+    end_char = models.PositiveIntegerField()
+    embedding = VectorField(dimensions=EMBEDDING_DIM)
+    search_vector = SearchVectorField(null=True)
+
+    class Meta:
+        ordering = ["document", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["document", "content_sha256"], name="chunk_text_unique_in_document"
+            ),
+        ]
+        indexes = [
+            HnswIndex(
+                name="chunk_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+            GinIndex(fields=["search_vector"], name="chunk_search_vector_gin"),
+            models.Index(fields=["content_sha256"], name="chunk_sha256"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.document_id}#{self.position}"
+
+
+class Citation(models.Model):
+    """A passage an answer was given, numbered as the answer cites it ([1], [2], ...).
+
+    The passage text and document name are copied, so a citation still opens what the answer
+    saw after the document is re-ingested or deleted.
+    """
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="citations")
+    number = models.PositiveIntegerField()
+    chunk = models.ForeignKey(
+        Chunk, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    document = models.ForeignKey(
+        Document, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    document_name = models.CharField(max_length=255)
+    text = models.TextField()
+    score = models.FloatField()
+
+    class Meta:
+        ordering = ["message", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "number"], name="citation_number_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.number}] {self.document_name}"

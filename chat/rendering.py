@@ -5,6 +5,7 @@ from django.template.loader import render_to_string
 from django.utils.html import escape, linebreaks
 from markdown_it import MarkdownIt
 
+from chat.knowledge.citations import citations_link
 from chat.models import Message
 
 # Raw HTML in the model's output is shown as text, never interpreted; nh3 then removes anything
@@ -14,6 +15,13 @@ _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("
 
 def markdown_render(text: str) -> str:
     return nh3.clean(_markdown.render(text), link_rel="noopener noreferrer nofollow")
+
+
+@dataclass(frozen=True)
+class CitationView:
+    number: int
+    pk: int
+    document_name: str
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class MessageView:
     completion_tokens: int | None = None
     time_to_first_token_ms: float | None = None
     tokens_per_second: float | None = None
+    citations: tuple[CitationView, ...] = ()
 
     @property
     def is_active(self) -> bool:
@@ -35,13 +44,21 @@ class MessageView:
 
     @classmethod
     def of(cls, message: Message) -> "MessageView":
+        citations: tuple[CitationView, ...] = ()
         if message.role == Message.Role.USER:
             html = linebreaks(escape(message.content))
         elif message.status in (Message.Status.BLOCKED, Message.Status.HELD):
             # A stopped or held answer is replaced by its notice; the text is not shown.
             html = ""
         else:
-            html = markdown_render(message.content)
+            # Prefetched by the selectors that list messages.
+            citations = tuple(
+                CitationView(number=c.number, pk=c.pk, document_name=c.document_name)
+                for c in message.citations.all()
+            )
+            html = citations_link(
+                markdown_render(message.content), [(c.number, c.pk) for c in citations]
+            )
         return cls(
             pk=message.pk,
             role=message.role,
@@ -51,6 +68,7 @@ class MessageView:
             completion_tokens=message.completion_tokens,
             time_to_first_token_ms=message.time_to_first_token_ms,
             tokens_per_second=message.tokens_per_second,
+            citations=citations,
         )
 
     @classmethod

@@ -11,8 +11,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat import live
-from chat.models import Conversation, Message
-from chat.selectors import conversation_get, message_get_for_user
+from chat.models import Conversation, KnowledgeBase, Message
+from chat.selectors import conversation_get, knowledge_bases_for_user, message_get_for_user
 from governance.admission import Held, Refusal, turn_admit, turn_screen
 from governance.audit import audit_record
 from governance.quotas import quota_release
@@ -265,3 +265,40 @@ def answer_fail(*, message_id: int, attempt: int, reason: str, from_status: str)
         )
         _on_commit_notify(answer.conversation_id, answer.pk)
     return 1
+
+
+def _ids(value: object) -> list[int]:
+    """Knowledge base ids from a form: absent, one value, or a list of them."""
+    if value is None or value == "":
+        return []
+    values: list[object] = value if isinstance(value, list) else [value]
+    ids: set[int] = set()
+    for v in values:
+        try:
+            if not isinstance(v, str | int):
+                raise ValueError(v)
+            ids.add(int(v))
+        except ValueError as exc:
+            raise TurnRejected("Those knowledge bases could not be read.") from exc
+    return sorted(ids)
+
+
+def conversation_knowledge_bases_set(
+    *, user: User, conversation_id: int, knowledge_base_ids: object
+) -> list[KnowledgeBase]:
+    """Choose the knowledge bases a conversation searches; only those the user may use."""
+    wanted = _ids(knowledge_base_ids)
+    with transaction.atomic():
+        conversation = conversation_get(user=user, conversation_id=conversation_id)
+        allowed = list(knowledge_bases_for_user(user=user).filter(pk__in=wanted))
+        if len(allowed) != len(wanted):
+            raise TurnRejected("You may not use one of those knowledge bases.")
+        conversation.knowledge_bases.set(allowed)
+        audit_record(
+            actor=user,
+            action="conversation.knowledge_bases_set",
+            target_type="conversation",
+            target_id=conversation.pk,
+            details={"knowledge_bases": [kb.pk for kb in allowed]},
+        )
+    return allowed

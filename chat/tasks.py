@@ -1,8 +1,14 @@
 from celery import shared_task
 
 from chat.generation import reply_generate
+from chat.knowledge.ingestion import document_ingest
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generate_reply(message_id: int, attempt: int) -> None:
     reply_generate(message_id=message_id, attempt=attempt)
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def ingest_document(document_id: int, generation: int) -> None:
+    document_ingest(document_id=document_id, generation=generation)

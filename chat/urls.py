@@ -8,4 +8,5 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("new/", views.conversation_new, name="new"),
     path("<int:conversation_id>/", views.conversation_detail, name="conversation"),
+    path("citations/<int:citation_id>/", views.citation_detail, name="citation"),
 ]

@@ -45,7 +45,36 @@ def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: int)
         {
             "conversation": conversation,
             "messages": messages,
+            "knowledge_bases": selectors.knowledge_bases_for_user(user=request.user),
+            "chosen_knowledge_bases": set(
+                conversation.knowledge_bases.values_list("pk", flat=True)
+            ),
             "conversations": selectors.conversation_list(user=request.user)[:100],
             "quota": quota_status(request.user),
         },
+    )
+
+
+@login_required
+@require_GET
+def citation_detail(request: AuthenticatedHttpRequest, citation_id: int) -> HttpResponse:
+    """The passage an answer cited, inside its document when the user may still read it."""
+    citation = selectors.citation_get_for_user(user=request.user, citation_id=citation_id)
+    document = citation.document
+    if (
+        document is not None
+        and not selectors.knowledge_bases_for_user(user=request.user)
+        .filter(pk=document.knowledge_base_id)
+        .exists()
+    ):
+        document = None
+    before = after = ""
+    chunk = citation.chunk
+    if document is not None and chunk is not None:
+        before = document.text[: chunk.start_char]
+        after = document.text[chunk.end_char :]
+    return render(
+        request,
+        "chat/citation.html",
+        {"citation": citation, "document": document, "before": before, "after": after},
     )

@@ -29,6 +29,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.postgres",
     "channels",
     "django_htmx",
     "models_admin",
@@ -143,6 +144,17 @@ CHAT_STREAM_FLUSH_SECONDS = env.float("CHAT_STREAM_FLUSH_SECONDS", default=0.05)
 
 # /metrics answers staff sessions, or a scraper sending "Authorization: Bearer <METRICS_TOKEN>".
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# Knowledge bases: uploads, ingestion and retrieval.
+KNOWLEDGE_MAX_DOCUMENT_BYTES = env.int("KNOWLEDGE_MAX_DOCUMENT_BYTES", default=10 * 1024 * 1024)
+# Celery queue for ingestion tasks (any worker serving it embeds; no chat model needed).
+KNOWLEDGE_QUEUE = env.str("KNOWLEDGE_QUEUE", default="default")
+# How long an ingestion may go without a heartbeat before its document is queued again.
+KNOWLEDGE_INGEST_LEASE_SECONDS = env.int("KNOWLEDGE_INGEST_LEASE_SECONDS", default=30)
+# Passages given to the model per answer, and the least cosine similarity that counts as
+# relevant (all-MiniLM-L6-v2 puts unrelated English text around 0.0-0.15).
+KNOWLEDGE_PASSAGES_PER_ANSWER = env.int("KNOWLEDGE_PASSAGES_PER_ANSWER", default=4)
+KNOWLEDGE_MIN_SIMILARITY = env.float("KNOWLEDGE_MIN_SIMILARITY", default=0.3)
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,1 @@
+"""Knowledge bases: parsing, chunking, ingestion and retrieval of documents."""
