@@ -17,6 +17,7 @@ from chat import live
 from chat.context import context_build_grounded
 from chat.knowledge.citations import citations_store
 from chat.models import Message
+from chat.reply_cache import ReplyCache
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
 from governance.holds import safety_hold_create
@@ -26,9 +27,8 @@ from governance.safety.base import Action
 from governance.safety.pipeline import Pipeline, Verdict
 from governance.safety.policy import safety_output_pipeline
 from models_admin import metrics
-from models_admin.caches import exact_cache_get, exact_cache_key, exact_cache_put
 from models_admin.engine import EngineError, GenerationResult, SamplingParams, engine_get
-from models_admin.models import Deployment, ModelVersion
+from models_admin.models import Deployment
 from models_admin.store import artifact_dir
 
 logger = logging.getLogger(__name__)
@@ -145,39 +145,6 @@ def reply_generate(*, message_id: int, attempt: int) -> None:
     cache.delete(stop_key(message_id))
 
 
-def _cached_result(
-    key: str | None,
-    prompt_ids: list[int],
-    publisher: "_StreamPublisher",
-    answer: Message,
-    version: ModelVersion,
-) -> GenerationResult | None:
-    """The answer from the exact cache, streamed to the page at once; None on a miss."""
-    if key is None:
-        return None
-    started = time.perf_counter()
-    hit = exact_cache_get(key=key)
-    metrics.cache_observe(
-        deployment=answer.conversation.model_alias,
-        version=str(version),
-        cache="exact",
-        hit=hit is not None,
-    )
-    if hit is None:
-        return None
-    publisher.on_text(hit.text)
-    return GenerationResult(
-        text=hit.text,
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=hit.completion_tokens,
-        finish_reason=hit.finish_reason,
-        time_to_first_token_s=time.perf_counter() - started,
-        tokens_per_second=0.0,
-        token_logprobs=hit.token_logprobs,
-        cache="exact",
-    )
-
-
 def _generate(answer: Message, attempt: int) -> None:
     message_id = answer.pk
     transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))
@@ -285,50 +252,19 @@ def _generate(answer: Message, attempt: int) -> None:
         )
         if not won:
             return
-        engine = engine_get(
-            directory=artifact_dir(version.artifact_path),
-            sha256=version.sha256,
-            context_window=version.context_window,
-        )
-        built = context_build_grounded(answer=answer, version=version, engine=engine)
-        if built.no_match_answer is not None:
-            result = GenerationResult(
-                text=built.no_match_answer,
-                prompt_tokens=0,
-                completion_tokens=0,
-                finish_reason="no_match",
-                time_to_first_token_s=0.0,
-                tokens_per_second=0.0,
+        hold_id = None
+        if status == Message.Status.HELD:
+            hold = safety_hold_create(
+                verdict=verdict,
+                direction=SafetyHold.Direction.OUTPUT,
+                target_type="message",
+                target_id=message_id,
+                deployment_id=deployment_id,
+                user_id=answer.conversation.user_id,
             )
-        else:
-            params = SamplingParams(
-                max_tokens=version.max_output_tokens,
-                temperature=version.temperature,
-                top_p=version.top_p,
-            )
-            cache = ReplyCache.for_turn(
-                answer=answer,
-                version=version,
-                deployment=deployment,
-                engine=engine,
-                prompt_ids=built.prompt_ids,
-                params=params,
-            )
-            # No connection is held while the model runs.
-            close_old_connections()
-            cached = cache.lookup(built.prompt_ids)
-            if cached is not None:
-                result, text = cached
-                publisher.on_text(text)
-            else:
-                result = engine.generate(
-                    built.prompt_ids,
-                    params,
-                    on_text=publisher.on_text,
-                    cancelled=publisher.cancelled,
-                )
-                cache.store(result)
-            publisher.flush()
+            Message.objects.filter(pk=message_id).update(safety_hold=hold)
+            hold_id = hold.pk
+        citations_store(message_id=message_id, passages=built.passages)
         if answer.reservation_id:
             quota_settle(
                 reservation_id=answer.reservation_id,
@@ -345,50 +281,11 @@ def _generate(answer: Message, attempt: int) -> None:
                 "attempt": attempt,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-        engine = engine_get(
-            directory=artifact_dir(version.artifact_path),
-            sha256=version.sha256,
-            context_window=version.context_window,
-        )
-        built = context_build_grounded(answer=answer, version=version, engine=engine)
-        if built.no_match_answer is not None:
-            result = GenerationResult(
-                text=built.no_match_answer,
-                prompt_tokens=0,
-                completion_tokens=0,
-                finish_reason="no_match",
-                time_to_first_token_s=0.0,
-                tokens_per_second=0.0,
-            )
-        else:
-            params = SamplingParams(
-                max_tokens=version.max_output_tokens,
-                temperature=version.temperature,
-                top_p=version.top_p,
-            )
-            cache = ReplyCache.for_turn(
-                answer=answer,
-                version=version,
-                deployment=deployment,
-                engine=engine,
-                prompt_ids=built.prompt_ids,
-                params=params,
-            )
-            # No connection is held while the model runs.
-            close_old_connections()
-            cached = cache.lookup(built.prompt_ids)
-            if cached is not None:
-                result, text = cached
-                publisher.on_text(text)
-            else:
-                result = engine.generate(
-                    built.prompt_ids,
-                    params,
-                    on_text=publisher.on_text,
-                    cancelled=publisher.cancelled,
-                )
-                cache.store(result)
-            publisher.flush()
+                "finish_reason": "safety" if verdict.stops else result.finish_reason,
+                "cache": result.cache or None,
+                **({"safety": verdict.summary()} if verdict.trips else {}),
+                **({"hold": hold_id} if hold_id else {}),
+                "cited_chunks": [p.chunk_id for p in built.passages],
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

@@ -1,5 +1,8 @@
 from django.conf import settings
 from django.db import models
+from pgvector.django import HnswIndex, VectorField
+
+from models_admin.embeddings import EMBEDDING_DIM
 
 
 class Model(models.Model):
@@ -72,8 +75,60 @@ class Deployment(models.Model):
     cache_ttl_seconds = models.PositiveIntegerField(
         default=86400, help_text="How long a cached answer may be served."
     )
+    # Off by default: on the shipped labeled set, no threshold keeps wrong hits under 1% while
+    # still hitting paraphrases (bench/results/semantic_cache-cpu-2core.md).
+    semantic_cache_enabled = models.BooleanField(
+        default=False,
+        help_text="Answer a single-turn question that means the same as a cached one.",
+    )
+    semantic_threshold = models.FloatField(
+        default=0.95,
+        help_text="Cosine similarity (0-1] a question needs to a cached one to reuse its answer.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(semantic_threshold__gt=0, semantic_threshold__lte=1),
+                name="deployment_semantic_threshold_in_range",
+                violation_error_message="The semantic cache threshold must be in (0, 1].",
+            )
+        ]
+
     def __str__(self) -> str:
         return self.alias
+
+
+class SemanticCacheEntry(models.Model):
+    """A single-turn question and its answer, found again by the meaning of the question.
+
+    `namespace` says what else shaped the answer (the knowledge bases and their contents); an
+    entry is only served to a question with the same version and namespace.
+    """
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="+")
+    namespace = models.CharField(max_length=100)
+    prompt = models.TextField()
+    embedding = VectorField(dimensions=EMBEDDING_DIM)
+    answer = models.TextField()
+    completion_tokens = models.PositiveIntegerField()
+    finish_reason = models.CharField(max_length=20)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["version", "namespace"]),
+            HnswIndex(
+                name="semantic_cache_embedding_hnsw",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.prompt[:60]} ({self.version_id}/{self.namespace})"

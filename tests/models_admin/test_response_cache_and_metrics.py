@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 QUESTION = "Name two planets of the solar system."
 
 
-def _answered(user, text: str) -> Message:  # type: ignore[no-untyped-def]
-    conversation = conversation_create(user=user)
+def _answered(user, text: str, conversation=None) -> Message:  # type: ignore[no-untyped-def]
+    conversation = conversation or conversation_create(user=user)
     outcome = turn_submit(user=user, conversation_id=conversation.pk, text=text)
     assert outcome.answer is not None
     deadline = time.monotonic() + 120
@@ -51,18 +51,53 @@ def test_a_different_question_or_a_switched_off_cache_goes_to_the_model() -> Non
     user = user_create()
     _answered(user, QUESTION)
     _answered(user, "Name two moons of Jupiter.")
-    Deployment.objects.filter(alias="chat-default").update(exact_cache_enabled=False)
+    Deployment.objects.filter(alias="chat-default").update(
+        exact_cache_enabled=False, semantic_cache_enabled=False
+    )
     _answered(user, QUESTION)
     assert [e["cache"] for e in _generated_events()] == [None, None, None]
 
 
-def test_sampled_answers_are_never_cached(chat_model) -> None:  # type: ignore[no-untyped-def]
+def test_sampled_answers_are_never_in_the_exact_cache(chat_model) -> None:  # type: ignore[no-untyped-def]
     chat_model.temperature = 0.7
     chat_model.save()
     user = user_create()
     _answered(user, QUESTION)
     _answered(user, QUESTION)
     assert [e["cache"] for e in _generated_events()] == [None, None]
+
+
+def _semantic_cache_on() -> None:
+    Deployment.objects.filter(alias="chat-default").update(
+        semantic_cache_enabled=True, semantic_threshold=0.9
+    )
+
+
+def test_a_paraphrased_single_turn_question_is_answered_by_meaning() -> None:
+    _semantic_cache_on()
+    user = user_create()
+    first = _answered(user, QUESTION)
+    second = _answered(user, "Please name two planets of the solar system!")
+    assert second.status == "complete" and second.content == first.content
+    assert [e["cache"] for e in _generated_events()] == [None, "semantic"]
+
+
+def test_a_question_of_opposite_meaning_is_not_answered_from_the_cache() -> None:
+    _semantic_cache_on()
+    user = user_create()
+    _answered(user, "How do I enable dark mode in the app?")
+    _answered(user, "How do I disable dark mode in the app?")
+    assert [e["cache"] for e in _generated_events()] == [None, None]
+
+
+def test_a_follow_up_question_is_not_answered_by_meaning() -> None:
+    _semantic_cache_on()
+    user = user_create()
+    _answered(user, QUESTION)
+    conversation = conversation_create(user=user)
+    _answered(user, "Hello!", conversation)
+    _answered(user, "Please name two planets of the solar system!", conversation)
+    assert [e["cache"] for e in _generated_events()] == [None, None, None]
 
 
 def _sample(body: str, name: str, **labels: str) -> float:
