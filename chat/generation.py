@@ -18,7 +18,7 @@ from chat.context import context_build
 from chat.models import Message
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
-from governance.quotas import quota_settle
+from governance.budgets import budget_settle
 from models_admin.engine import EngineError, SamplingParams, engine_get
 from models_admin.store import artifact_dir
 
@@ -168,10 +168,12 @@ def _generate(answer: Message, attempt: int) -> None:
         )
         if not won:
             return
+        cost = None
         if answer.reservation_id:
-            quota_settle(
+            cost = budget_settle(
                 reservation_id=answer.reservation_id,
-                tokens_used=result.prompt_tokens + result.completion_tokens,
+                input_tokens=result.prompt_tokens,
+                output_tokens=result.completion_tokens,
             )
         audit_record(
             actor=None,
@@ -184,6 +186,7 @@ def _generate(answer: Message, attempt: int) -> None:
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "finish_reason": result.finish_reason,
+                "cost": str(cost) if cost is not None else None,
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

@@ -1,8 +1,14 @@
 from celery import shared_task
 
 from chat.generation import reply_generate
+from chat.privacy import conversations_purge_expired
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generate_reply(message_id: int, attempt: int) -> None:
     reply_generate(message_id=message_id, attempt=attempt)
+
+
+@shared_task(ignore_result=True)
+def purge_expired_conversations() -> int:
+    return conversations_purge_expired()

@@ -8,4 +8,6 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("new/", views.conversation_new, name="new"),
     path("<int:conversation_id>/", views.conversation_detail, name="conversation"),
+    path("settings/", views.settings_page, name="settings"),
+    path("settings/delete-data/", views.data_delete, name="data_delete"),
 ]

@@ -1,48 +1,105 @@
-"""Admission of one chat turn: is this user allowed to spend on this request right now."""
+"""Admission of one request (a chat turn, or a call to the API): may this user, through this
+key, spend on it right now? Chat and the /v1 API both admit through `turn_admit`."""
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 from django.contrib.auth.models import User
 from django.db import transaction
 
 from governance.audit import audit_record
-from governance.models import QuotaReservation
-from governance.quotas import QuotaExceeded, quota_reserve
+from governance.budgets import BudgetExceeded, budget_reserve
+from governance.limits import limits_applying
+from governance.models import ApiKey, QuotaReservation
+from governance.rate_limits import RateLimited, RateLimiterUnavailable, rate_limit_take
+from models_admin.models import ModelVersion
 
 
 @dataclass(frozen=True)
 class Refusal:
+    """Why a request was not admitted: `reason` for people, `limit` names the limit that
+    refused it, `retry_after` the seconds until trying again can succeed (HTTP Retry-After)."""
+
     reason: str
+    limit: str = ""
+    retry_after: int = 0
+
+
+def _refusal(exc: RateLimited | RateLimiterUnavailable | BudgetExceeded) -> Refusal:
+    if isinstance(exc, RateLimiterUnavailable):
+        return Refusal(
+            reason=exc.reason, limit="rate_limiter_unavailable", retry_after=exc.retry_after
+        )
+    if isinstance(exc, RateLimited):
+        # A request larger than the bucket can never pass; a minute is the honest upper bound
+        # on when a changed limit would let it.
+        retry_after = exc.retry_after if exc.retry_after > 0 else 60
+        return Refusal(
+            reason=exc.reason, limit=f"{exc.subject.kind}.{exc.measure}", retry_after=retry_after
+        )
+    return Refusal(reason=exc.reason, limit=exc.limit_name, retry_after=exc.retry_after)
 
 
 @transaction.atomic
 def turn_admit(
     *,
     user: User,
-    tokens: int,
+    input_tokens: int,
+    max_output_tokens: int,
     target_type: str,
     target_id: object,
+    model_version: ModelVersion | None = None,
+    api_key: ApiKey | None = None,
     ip: str | None = None,
 ) -> QuotaReservation | Refusal:
-    """Reserve `tokens` of the user's quota for one answer and record the decision."""
+    """Check the rate limits and reserve the budgets for one request, and record the decision.
+
+    `input_tokens` is the prompt (or an upper estimate of it), `max_output_tokens` the most the
+    answer may take: both are held until the answer is settled.
+    """
+    tokens = input_tokens + max_output_tokens
+    price_in = model_version.price_per_1k_input_tokens if model_version else Decimal(0)
+    price_out = model_version.price_per_1k_output_tokens if model_version else Decimal(0)
+    via = {"api_key": api_key.prefix} if api_key is not None else {}
+    limits = limits_applying(user=user, api_key=api_key)
     try:
-        reservation = quota_reserve(user=user, tokens=tokens)
-    except QuotaExceeded as exc:
+        rate_limit_take(limits=limits, tokens=tokens)
+        reservation = budget_reserve(
+            user=user,
+            limits=limits,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            price_in=price_in,
+            price_out=price_out,
+            api_key=api_key,
+        )
+    except (RateLimited, RateLimiterUnavailable, BudgetExceeded) as exc:
+        refusal = _refusal(exc)
         audit_record(
             actor=user,
             action="turn.refused",
             target_type=target_type,
             target_id=target_id,
-            details={"limit": "daily_tokens", "requested": tokens, "remaining": exc.remaining},
+            details={
+                "limit": refusal.limit,
+                "requested_tokens": tokens,
+                "retry_after": refusal.retry_after,
+                **via,
+            },
             ip=ip,
         )
-        return Refusal(reason=exc.reason)
+        return refusal
     audit_record(
         actor=user,
         action="turn.admitted",
         target_type=target_type,
         target_id=target_id,
-        details={"reserved_tokens": tokens, "reservation": reservation.pk},
+        details={
+            "reserved_tokens": tokens,
+            "reserved_cost": str(reservation.cost),
+            "reservation": reservation.pk,
+            **via,
+        },
         ip=ip,
     )
     return reservation
