@@ -89,3 +89,36 @@ def test_retention_purge_deletes_only_conversations_idle_past_the_policy() -> No
 def test_a_retention_of_zero_days_is_rejected_with_a_reason() -> None:
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         RetentionPolicy(conversation_days=0).full_clean()
+
+
+def test_deleting_a_conversation_with_an_answer_in_flight_gives_its_held_quota_back() -> None:
+    from governance.admission import turn_admit
+    from governance.models import BudgetUsage, QuotaReservation, UsageLimit
+
+    alice = user_create()
+    UsageLimit.objects.create(user=alice, tokens_per_day=1000)
+    conversation = conversation_create(user=alice)
+    question = Message.objects.create(
+        conversation=conversation, role="user", status="sent", content="hi"
+    )
+    reservation = turn_admit(
+        user=alice, input_tokens=100, max_output_tokens=50, target_type="message", target_id=1
+    )
+    assert isinstance(reservation, QuotaReservation)
+    Message.objects.create(
+        conversation=conversation,
+        role="assistant",
+        status="pending",
+        reply_to=question,
+        reservation=reservation,
+    )
+    assert BudgetUsage.objects.get(user=alice).tokens_reserved == 150
+
+    client = Client()
+    client.force_login(alice)
+    assert client.post("/chat/settings/delete-data/", {"confirm": "delete"}).status_code == 302
+    usage = BudgetUsage.objects.get(user=alice)
+    assert (usage.tokens_reserved, usage.tokens_used) == (0, 0)
+    reservation.refresh_from_db()
+    assert reservation.status == "released"
+    assert audit_verify().intact
