@@ -7,6 +7,7 @@ from decimal import Decimal
 from django.contrib.auth.models import User
 from django.db import transaction
 
+from governance.api_keys import api_key_require_active
 from governance.audit import audit_record
 from governance.budgets import BudgetExceeded, budget_reserve
 from governance.limits import limits_applying
@@ -55,8 +56,12 @@ def turn_admit(
     """Check the rate limits and reserve the budgets for one request, and record the decision.
 
     `input_tokens` is the prompt (or an upper estimate of it), `max_output_tokens` the most the
-    answer may take: both are held until the answer is settled.
+    answer may take: both are held until the answer is settled. Raises ApiKeyInvalid if
+    `api_key` is no longer active.
     """
+    if api_key is not None:
+        # Read again: the key may have been revoked since the request authenticated.
+        api_key_require_active(api_key_id=api_key.pk)
     tokens = input_tokens + max_output_tokens
     price_in = model_version.price_per_1k_input_tokens if model_version else Decimal(0)
     price_out = model_version.price_per_1k_output_tokens if model_version else Decimal(0)

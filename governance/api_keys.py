@@ -1,9 +1,9 @@
 """API keys: created with a secret shown once, stored as a hash, found by a public prefix.
 
-A key reads `gsk_<prefix>_<secret>`. The secret is 32 random bytes, so a plain sha256 is enough
-to store it (a slow password hash protects guessable secrets; these are not guessable), and
-authenticating costs one indexed lookup by prefix and a constant-time comparison.
-"""
+A key reads `gsk_<prefix>_<secret>`, the prefix being 8 hex characters. The secret is 32 random
+bytes, so a plain sha256 is enough to store it (a slow password hash protects guessable
+secrets; these are not guessable), and authenticating costs one indexed lookup by prefix and a
+constant-time comparison."""
 
 import datetime as dt
 import hashlib
@@ -20,7 +20,7 @@ from governance.audit import audit_record
 from governance.models import ApiKey, UsageLimit
 
 KEY_PREFIX = "gsk"
-_PREFIX_BYTES = 6  # 8 characters of urlsafe base64
+_PREFIX_BYTES = 4  # 8 hex characters: no "_", which separates the parts
 
 
 class ApiKeyInvalid(Exception):
@@ -63,7 +63,7 @@ def api_key_create(
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationError("The expiry must be in the future.")
     chosen = api_key_scopes_clean(scopes)
-    prefix = secrets.token_urlsafe(_PREFIX_BYTES)
+    prefix = secrets.token_hex(_PREFIX_BYTES)
     raw = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
     api_key = ApiKey(
         user=user,
@@ -119,6 +119,22 @@ def api_key_revoke(*, api_key_id: int, actor: User, ip: str | None = None) -> Ap
     return api_key
 
 
+def _raise_unless_active(api_key: ApiKey, now: dt.datetime) -> None:
+    state = api_key.state_at(now)
+    if state == "revoked":
+        raise ApiKeyInvalid(f"API key {api_key.prefix} was revoked.")
+    if state == "expired":
+        assert api_key.expires_at is not None
+        raise ApiKeyInvalid(
+            f"API key {api_key.prefix} expired at {api_key.expires_at:%Y-%m-%d %H:%M} UTC."
+        )
+
+
+def api_key_require_active(*, api_key_id: int) -> None:
+    """Raise ApiKeyInvalid unless the key is still active now (one query)."""
+    _raise_unless_active(ApiKey.objects.get(pk=api_key_id), timezone.now())
+
+
 def api_key_authenticate(*, raw: str) -> ApiKey:
     """The active key that `raw` is, or ApiKeyInvalid saying why not."""
     parts = raw.strip().split("_", 2) if isinstance(raw, str) else []
@@ -128,13 +144,7 @@ def api_key_authenticate(*, raw: str) -> ApiKey:
     if api_key is None or not hmac.compare_digest(api_key.secret_hash, _hash(raw.strip())):
         raise ApiKeyInvalid("Unknown API key.")
     now = timezone.now()
-    state = api_key.state_at(now)
-    if state == "revoked":
-        raise ApiKeyInvalid(f"API key {api_key.prefix} was revoked.")
-    if state == "expired":
-        raise ApiKeyInvalid(
-            f"API key {api_key.prefix} expired at {api_key.expires_at:%Y-%m-%d %H:%M} UTC."
-        )
+    _raise_unless_active(api_key, now)
     if not api_key.user.is_active:
         raise ApiKeyInvalid(f"The owner of API key {api_key.prefix} is deactivated.")
     # Not audited: every API request is, through admission. Only one write a minute per key.

@@ -17,7 +17,7 @@ from tests.factories import user_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-KEY = re.compile(r"gsk_[A-Za-z0-9_-]{8}_[A-Za-z0-9_-]{43}")
+KEY = re.compile(r"gsk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
 PAGE = "/account/api-keys/"
 
 
@@ -57,6 +57,8 @@ def test_unknown_revoked_and_expired_keys_are_refused_with_a_clear_error() -> No
         api_key_authenticate(raw=raw[:-2] + ("AA" if raw[-2:] != "AA" else "BB"))
     with pytest.raises(ApiKeyInvalid, match="Unknown API key"):
         api_key_authenticate(raw=f"gsk_zzzzzzzz_{raw.split('_', 2)[2]}")
+    with pytest.raises(ApiKeyInvalid, match="Unknown API key"):
+        api_key_authenticate(raw=raw + "x")
 
     ApiKey.objects.filter(pk=api_key.pk).update(expires_at=timezone.now() - dt.timedelta(1))
     with pytest.raises(ApiKeyInvalid, match="expired"):
@@ -104,6 +106,11 @@ def test_admission_through_a_key_applies_the_keys_own_limits() -> None:
     stranger_key, _ = _new_key(user_create())
     with pytest.raises(ValueError, match="another user"):
         admit(stranger_key)
+
+    stale = ApiKey.objects.get(pk=api_key.pk)  # authenticated before the revocation
+    ApiKey.objects.filter(pk=api_key.pk).update(revoked_at=timezone.now())
+    with pytest.raises(ApiKeyInvalid, match="was revoked"):
+        admit(stale)
 
 
 def test_the_page_creates_a_key_shown_once_and_lists_and_revokes_only_ones_own() -> None:
