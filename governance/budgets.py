@@ -79,8 +79,11 @@ class BudgetExceeded(Exception):
     def reason(self) -> str:
         kind = "token quota" if self.measure == "tokens" else "cost budget"
         whose = "" if self.subject.kind == "user" else f" of {self.subject.label}"
-        unit = "tokens" if self.measure == "tokens" else ""
-        left = f"{self.remaining:,} of {self.limit:,} {unit}".rstrip()
+        if self.measure == "tokens":
+            left, requested = f"{self.remaining:,} of {self.limit:,} tokens", f"{self.requested:,}"
+        else:
+            left = f"{money(Decimal(self.remaining))} of {money(Decimal(self.limit))}"
+            requested = money(Decimal(self.requested))
         when = "today" if self.period == "day" else "this month"
         if self.period == "day":
             resets = f"at {self.resets_at:%H:%M} UTC"
@@ -88,7 +91,7 @@ class BudgetExceeded(Exception):
             resets = f"on {self.resets_at:%Y-%m-%d} at {self.resets_at:%H:%M} UTC"
         return (
             f"{_PERIOD_NAMES[self.period]} {kind}{whose} reached: {left} left {when}, "
-            f"this message needs up to {self.requested:,}. The quota resets {resets}."
+            f"this message needs up to {requested}. The quota resets {resets}."
         )
 
 
@@ -259,8 +262,17 @@ class BudgetMeter:
     @property
     def label(self) -> str:
         when = "Today" if self.period == "day" else "This month"
-        unit = "tokens" if self.measure == "tokens" else "cost"
-        return f"{when}: {self.remaining:,} of {self.limit:,} {unit} left"
+        if self.measure == "tokens":
+            return f"{when}: {self.remaining:,} of {self.limit:,} tokens left"
+        left, limit = money(Decimal(self.remaining)), money(Decimal(self.limit))
+        return f"{when}: {left} of {limit} left to spend"
+
+
+def money(amount: Decimal) -> str:
+    """At least two decimals, and no trailing zeros past them: 1.00, 0.9465, 0.000115."""
+    exponent = amount.normalize().as_tuple().exponent
+    places = max(2, -exponent) if isinstance(exponent, int) else 2
+    return f"{amount:,.{places}f}"
 
 
 def budget_meters(*, user: User) -> list[BudgetMeter]:

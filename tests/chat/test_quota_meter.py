@@ -1,6 +1,7 @@
 """The chat page's quota meter, updated after each turn, and rate-limit refusals inline."""
 
 import re
+from decimal import Decimal
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -8,7 +9,7 @@ from django.test import AsyncClient
 
 from chat.models import Message
 from chat.services import conversation_create
-from governance.models import BudgetUsage, UsageLimit
+from governance.models import AuditEvent, BudgetUsage, UsageLimit
 from tests.chat.wsclient import Frame, communicator, receive, receive_until, send
 from tests.factories import session_cookie_for, user_create
 
@@ -27,7 +28,7 @@ def _daily_left(frame: Frame) -> tuple[int, int] | None:
 
 
 @sync_to_async
-def _setup(**limits: int):  # type: ignore[no-untyped-def]
+def _setup(**limits: object):  # type: ignore[no-untyped-def]
     user = user_create()
     UsageLimit.objects.create(user=user, **limits)
     conversation = conversation_create(user=user)
@@ -42,8 +43,13 @@ async def _answer_id(comm) -> int:  # type: ignore[no-untyped-def]
                 return message_id
 
 
-async def test_the_meter_shows_what_is_left_and_is_updated_after_each_turn() -> None:
-    user, conversation, cookie = await _setup(tokens_per_day=5000)
+async def test_the_meter_is_updated_after_each_turn_and_the_turn_is_charged_its_cost(
+    chat_model,  # type: ignore[no-untyped-def]
+) -> None:
+    chat_model.price_per_1k_input_tokens = Decimal("0.5")
+    chat_model.price_per_1k_output_tokens = Decimal("2")
+    await chat_model.asave()
+    user, conversation, cookie = await _setup(tokens_per_day=5000, cost_per_day=Decimal(1))
     client = AsyncClient()
     await client.aforce_login(user)
     page = (await client.get(f"/chat/{conversation.pk}/")).content.decode()
@@ -58,6 +64,16 @@ async def test_the_meter_shows_what_is_left_and_is_updated_after_each_turn() -> 
     usage = await BudgetUsage.objects.aget(user=user, period="day")
     assert limit == 5000 and usage.tokens_reserved == 0
     assert left == 5000 - usage.tokens_used and usage.tokens_used > 0
+
+    answer = await Message.objects.aget(pk=answer_id)
+    assert answer.prompt_tokens and answer.completion_tokens
+    cost = (Decimal(answer.prompt_tokens) * Decimal("0.5") + answer.completion_tokens * 2) / 1000
+    assert usage.cost_used == cost.quantize(Decimal("0.000001")) and usage.cost_reserved == 0
+    generated = await AuditEvent.objects.aget(action="turn.generated", target_id=str(answer_id))
+    assert Decimal(generated.details["cost"]) == usage.cost_used
+    spend = re.search(r"Today: ([\d.]+) of ([\d.]+) left to spend", frames[-1].raw)
+    assert spend is not None and spend.group(2) == "1.00"
+    assert Decimal(spend.group(1)) == Decimal(1) - usage.cost_used
     await comm.disconnect()
 
 

@@ -91,7 +91,8 @@ def test_two_hundred_concurrent_requests_never_pass_a_groups_monthly_cost_budget
     assert usage.cost_reserved == Decimal("2.5")
     refusal = next(o for o in outcomes if isinstance(o, Refusal))
     assert refusal.limit == "group.cost_per_month"
-    assert "Monthly cost budget of group “lab” reached" in refusal.reason
+    assert "Monthly cost budget of group “lab” reached: 0.00 of 2.50 left" in refusal.reason
+    assert "needs up to 0.125." in refusal.reason
     for reservation in admitted:
         assert budget_settle(
             reservation_id=reservation.pk, input_tokens=80, output_tokens=50
