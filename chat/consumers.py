@@ -12,7 +12,8 @@ from django.http import Http404
 from chat import services
 from chat.live import conversation_group
 from chat.models import Conversation, Message
-from chat.rendering import MessageView, message_fragment, notice_fragment
+from chat.rendering import MessageView, message_fragment, notice_fragment, quota_fragment
+from governance.budgets import budget_meters
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ def _message_view(message_id: int, conversation_id: int) -> MessageView | None:
         .first()
     )
     return MessageView.of(message) if message else None
+
+
+@database_sync_to_async
+def _quota_html(user: Any) -> str:
+    return quota_fragment(budget_meters(user=user))
 
 
 @database_sync_to_async
@@ -134,9 +140,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         if event.get("created"):
             html = message_fragment(view)
-            await self.send(text_data=f'<div hx-swap-oob="beforeend:#messages">{html}</div>')
+            html = f'<div hx-swap-oob="beforeend:#messages">{html}</div>'
         else:
-            await self.send(text_data=message_fragment(view, swap="true"))
+            html = message_fragment(view, swap="true")
+        # Each change of state may have reserved, settled or released quota.
+        await self.send(text_data=html + await _quota_html(self.scope["user"]))
 
     async def chat_tokens(self, event: dict[str, Any]) -> None:
         view = MessageView.streaming(event["message_id"], event["text"])

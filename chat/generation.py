@@ -20,9 +20,9 @@ from chat.models import Message
 from chat.reply_cache import ReplyCache
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
+from governance.budgets import budget_settle
 from governance.holds import safety_hold_create
 from governance.models import SafetyHold
-from governance.quotas import quota_settle
 from governance.safety.base import Action
 from governance.safety.pipeline import Pipeline, Verdict
 from governance.safety.policy import safety_output_pipeline
@@ -265,11 +265,13 @@ def _generate(answer: Message, attempt: int) -> None:
             Message.objects.filter(pk=message_id).update(safety_hold=hold)
             hold_id = hold.pk
         citations_store(message_id=message_id, passages=built.passages)
+        cost = None
         if answer.reservation_id:
-            quota_settle(
+            cost = budget_settle(
                 reservation_id=answer.reservation_id,
                 # A cached answer spent no model time; it is not charged.
-                tokens_used=0 if result.cache else result.prompt_tokens + result.completion_tokens,
+                input_tokens=0 if result.cache else result.prompt_tokens,
+                output_tokens=0 if result.cache else result.completion_tokens,
             )
         audit_record(
             actor=None,
@@ -286,6 +288,7 @@ def _generate(answer: Message, attempt: int) -> None:
                 **({"safety": verdict.summary()} if verdict.trips else {}),
                 **({"hold": hold_id} if hold_id else {}),
                 "cited_chunks": [p.chunk_id for p in built.passages],
+                "cost": str(cost) if cost is not None else None,
             },
         )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

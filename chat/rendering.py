@@ -7,6 +7,7 @@ from markdown_it import MarkdownIt
 
 from chat.knowledge.citations import citations_link
 from chat.models import Message
+from governance.budgets import BudgetMeter
 
 # Raw HTML in the model's output is shown as text, never interpreted; nh3 then removes anything
 # unsafe that Markdown itself could produce (javascript: links and the like).
@@ -88,3 +89,8 @@ def message_fragment(view: MessageView, *, swap: str = "") -> str:
 
 def notice_fragment(text: str, *, level: str = "error") -> str:
     return render_to_string("chat/_notice.html", {"text": text, "level": level})
+
+
+def quota_fragment(meters: list[BudgetMeter]) -> str:
+    """The quota meter, swapped into the page out of band after each change."""
+    return render_to_string("chat/_quota.html", {"meters": meters, "oob": True})

@@ -15,7 +15,7 @@ from chat.models import Conversation, KnowledgeBase, Message
 from chat.selectors import conversation_get, knowledge_bases_for_user, message_get_for_user
 from governance.admission import Held, Refusal, turn_admit, turn_screen
 from governance.audit import audit_record
-from governance.quotas import quota_release
+from governance.budgets import budget_release
 from models_admin.models import Deployment
 from models_admin.routing import DeploymentUnavailable, deployment_resolve
 
@@ -71,7 +71,10 @@ def _validated_text(text: object) -> str:
     return text
 
 
-def _estimate_reservation(*, conversation: Conversation, text: str, deployment: Deployment) -> int:
+def _estimate_reservation(
+    *, conversation: Conversation, text: str, deployment: Deployment
+) -> tuple[int, int]:
+    """(prompt tokens, at most; answer tokens, at most) for the turn."""
     version = deployment.primary_version
     history_chars = sum(
         len(c)
@@ -81,7 +84,8 @@ def _estimate_reservation(*, conversation: Conversation, text: str, deployment: 
     )
     prompt = (len(text) + history_chars + len(version.system_prompt)) // _CHARS_PER_TOKEN_ESTIMATE
     return (
-        min(prompt, version.context_window - version.max_output_tokens) + version.max_output_tokens
+        min(prompt, version.context_window - version.max_output_tokens),
+        version.max_output_tokens,
     )
 
 
@@ -126,12 +130,14 @@ def turn_submit(
             status=Message.Status.SENT,
             content=verdict.text,
         )
-        tokens = _estimate_reservation(
+        input_tokens, output_tokens = _estimate_reservation(
             conversation=conversation, text=verdict.text, deployment=deployment
         )
         admission = turn_admit(
             user=user,
-            tokens=tokens,
+            input_tokens=input_tokens,
+            max_output_tokens=output_tokens,
+            model_version=deployment.primary_version,
             target_type="message",
             target_id=question.pk,
             ip=ip,
@@ -177,7 +183,7 @@ def turn_stop(*, user: User, message_id: int) -> None:
         )
         if won:
             if answer.reservation_id:
-                quota_release(reservation_id=answer.reservation_id)
+                budget_release(reservation_id=answer.reservation_id)
             _on_commit_notify(answer.conversation_id, answer.pk)
         audit_record(
             actor=user, action="turn.stop_requested", target_type="message", target_id=answer.pk
@@ -198,11 +204,17 @@ def turn_retry(*, user: User, message_id: int, ip: str | None = None) -> TurnOut
         except DeploymentUnavailable as exc:
             raise TurnRejected(f"The model is not available: {exc}") from exc
         assert answer.reply_to is not None
-        tokens = _estimate_reservation(
+        input_tokens, output_tokens = _estimate_reservation(
             conversation=conversation, text=answer.reply_to.content, deployment=deployment
         )
         admission = turn_admit(
-            user=user, tokens=tokens, target_type="message", target_id=answer.pk, ip=ip
+            user=user,
+            input_tokens=input_tokens,
+            max_output_tokens=output_tokens,
+            model_version=deployment.primary_version,
+            target_type="message",
+            target_id=answer.pk,
+            ip=ip,
         )
         if isinstance(admission, Refusal | Held):
             raise TurnRejected(admission.reason)
@@ -255,7 +267,7 @@ def answer_fail(*, message_id: int, attempt: int, reason: str, from_status: str)
         answer.finished_at = timezone.now()
         answer.save(update_fields=["status", "error", "finished_at"])
         if answer.reservation_id:
-            quota_release(reservation_id=answer.reservation_id)
+            budget_release(reservation_id=answer.reservation_id)
         audit_record(
             actor=None,
             action="turn.failed",

@@ -2,6 +2,7 @@ from celery import shared_task
 
 from chat.generation import reply_generate
 from chat.knowledge.ingestion import document_ingest
+from chat.privacy import conversations_purge_expired
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -12,3 +13,8 @@ def generate_reply(message_id: int, attempt: int) -> None:
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def ingest_document(document_id: int, generation: int) -> None:
     document_ingest(document_id=document_id, generation=generation)
+
+
+@shared_task(ignore_result=True)
+def purge_expired_conversations() -> int:
+    return conversations_purge_expired()

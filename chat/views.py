@@ -1,12 +1,14 @@
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from chat import selectors, services
+from chat import privacy, selectors, services
 from chat.rendering import MessageView
-from governance.quotas import quota_status
+from governance.audit import request_client_ip
+from governance.budgets import budget_meters
 
 
 class AuthenticatedHttpRequest(HttpRequest):
@@ -20,7 +22,7 @@ def index(request: AuthenticatedHttpRequest) -> HttpResponse:
     return render(
         request,
         "chat/index.html",
-        {"conversations": conversations, "quota": quota_status(request.user)},
+        {"conversations": conversations, "meters": budget_meters(user=request.user)},
     )
 
 
@@ -50,7 +52,7 @@ def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: int)
                 conversation.knowledge_bases.values_list("pk", flat=True)
             ),
             "conversations": selectors.conversation_list(user=request.user)[:100],
-            "quota": quota_status(request.user),
+            "meters": budget_meters(user=request.user),
         },
     )
 
@@ -78,3 +80,30 @@ def citation_detail(request: AuthenticatedHttpRequest, citation_id: int) -> Http
         "chat/citation.html",
         {"citation": citation, "document": document, "before": before, "after": after},
     )
+
+
+@login_required
+def settings_page(request: AuthenticatedHttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "chat/settings.html",
+        {"conversation_count": selectors.conversation_list(user=request.user).count()},
+    )
+
+
+@login_required
+@require_POST
+def data_delete(request: AuthenticatedHttpRequest) -> HttpResponse:
+    if request.POST.get("confirm") != "delete":
+        return render(
+            request,
+            "chat/settings.html",
+            {
+                "conversation_count": selectors.conversation_list(user=request.user).count(),
+                "error": "Type delete in the box to confirm. Nothing was deleted.",
+            },
+            status=400,
+        )
+    count = privacy.user_data_delete(user=request.user, ip=request_client_ip(request))
+    messages.success(request, f"Deleted {count} conversation(s) and their messages.")
+    return redirect("chat:settings")

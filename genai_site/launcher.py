@@ -65,7 +65,11 @@ def _manage(*args: str) -> None:
     subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True)
 
 
-def worker_command(queues: str = "inference,default", concurrency: int = 4) -> list[str]:
+def worker_command(
+    queues: str = "inference,default", concurrency: int = 4, beat_schedule: Path | None = None
+) -> list[str]:
+    """The worker; with `beat_schedule`, it also runs Celery beat (the retention purge)."""
+    beat = ["--beat", "--schedule", str(beat_schedule)] if beat_schedule else []
     return [
         str(BIN / "celery"),
         "-A",
@@ -81,6 +85,7 @@ def worker_command(queues: str = "inference,default", concurrency: int = 4) -> l
         "INFO",
         "--without-gossip",
         "--without-mingle",
+        *beat,
     ]
 
 
@@ -100,7 +105,10 @@ def up(host: str, port: int) -> int:
         _manage("ensure_admin")
         children = [
             subprocess.Popen(web_command(host, port), start_new_session=True),
-            subprocess.Popen(worker_command(), start_new_session=True),
+            subprocess.Popen(
+                worker_command(beat_schedule=var_dir / "celerybeat-schedule"),
+                start_new_session=True,
+            ),
         ]
 
         def stop_children() -> None:

@@ -23,7 +23,8 @@ MODEL_STORE = env.path("GENAI_MODEL_STORE", default=Path(VAR_DIR) / "models")
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    # The admin, with every operator's change in the audit log (governance.admin_site).
+    "governance.admin_config.AuditedAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -96,6 +97,13 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 # longest answer, or a slow answer would be generated twice.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", 900)}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Run by the worker that the launcher starts with --beat (one beat per deployment).
+CELERY_BEAT_SCHEDULE = {
+    "purge-expired-conversations": {
+        "task": "chat.tasks.purge_expired_conversations",
+        "schedule": env.float("RETENTION_PURGE_INTERVAL_SECONDS", default=3600.0),
+    }
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -163,3 +171,8 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
+
+# Rate-limit buckets live in Redis; admission refuses while it cannot reach it (fails closed).
+RATE_LIMIT_REDIS_URL = env.str("RATE_LIMIT_REDIS_URL", default=REDIS_URL)
+RATE_LIMIT_REDIS_TIMEOUT = env.float("RATE_LIMIT_REDIS_TIMEOUT", default=0.5)
+RATE_LIMIT_KEY_PREFIX = env.str("RATE_LIMIT_KEY_PREFIX", default="genai:ratelimit")

@@ -15,6 +15,7 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="chat:index", permanent=False)),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("account/", include("governance.urls")),
     path("admin/", admin.site.urls),
     path("chat/", include("chat.urls")),
     path("healthz", healthz, name="healthz"),

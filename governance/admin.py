@@ -5,39 +5,167 @@ from typing import Any
 import phonenumbers
 from asgiref.sync import sync_to_async
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 
+from governance.api_keys import api_key_create, api_key_revoke
 from governance.audit import ExportFormat, audit_export, request_client_ip
 from governance.models import (
+    ApiKey,
     AuditEvent,
     BlockedTerm,
-    DailyTokenQuota,
+    BudgetUsage,
+    RetentionPolicy,
     SafetyHold,
     SafetyPolicy,
-    TokenUsage,
+    UsageLimit,
 )
 from governance.safety_settings import safety_setting_delete, safety_setting_save
 
 
-@admin.register(DailyTokenQuota)
-class DailyTokenQuotaAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "tokens_per_day", "updated_at")
-    autocomplete_fields = ("user",)
+@admin.register(UsageLimit)
+class UsageLimitAdmin(admin.ModelAdmin):
+    """Edits apply to the next request: limits are read on every admission."""
+
+    list_display = (
+        "__str__",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "tokens_per_day",
+        "tokens_per_month",
+        "cost_per_day",
+        "cost_per_month",
+        "updated_at",
+    )
+    list_select_related = ("user", "group", "api_key")
+    autocomplete_fields = ("user", "group")
+    raw_id_fields = ("api_key",)
+    fieldsets = (
+        (
+            "Applies to (one of them, or none for the default)",
+            {"fields": ("user", "group", "api_key")},
+        ),
+        (
+            "Per minute (Redis token buckets)",
+            {"fields": ("requests_per_minute", "tokens_per_minute")},
+        ),
+        (
+            "Budgets (reserved before generation, settled after)",
+            {"fields": ("tokens_per_day", "tokens_per_month", "cost_per_day", "cost_per_month")},
+        ),
+    )
 
 
-@admin.register(TokenUsage)
-class TokenUsageAdmin(admin.ModelAdmin):
-    list_display = ("user", "day", "used", "reserved")
-    list_filter = ("day",)
-    list_select_related = ("user",)
-
+class _ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(BudgetUsage)
+class BudgetUsageAdmin(_ReadOnlyAdmin):
+    list_display = (
+        "__str__",
+        "period",
+        "period_start",
+        "tokens_used",
+        "tokens_reserved",
+        "cost_used",
+        "cost_reserved",
+    )
+    list_filter = ("period", "period_start")
+    list_select_related = ("user", "group", "api_key")
+
+
+class UsageLimitInline(admin.StackedInline):
+    model = UsageLimit
+    fields = (
+        "requests_per_minute",
+        "tokens_per_minute",
+        "tokens_per_day",
+        "tokens_per_month",
+        "cost_per_day",
+        "cost_per_month",
+    )
+    extra = 0
+    max_num = 1
+
+
+class ApiKeyAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ("user", "name", "scopes", "expires_at")
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Adding a key here creates its secret and shows it once; revoking is an action."""
+
+    list_display = ("name", "prefix", "user", "scopes", "expires_at", "revoked_at", "last_used_at")
+    list_filter = ("revoked_at", "expires_at")
+    list_select_related = ("user",)
+    search_fields = ("name", "prefix", "user__username")
+    autocomplete_fields = ("user",)
+    readonly_fields = ("prefix", "revoked_at", "last_used_at", "created_at")
+    inlines = [UsageLimitInline]
+    actions = ("revoke",)
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        if obj is None:
+            kwargs["form"] = ApiKeyAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_inlines(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.inlines if obj is not None else []
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.readonly_fields if obj is not None else ()
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        created, raw = api_key_create(
+            user=obj.user,
+            name=obj.name,
+            scopes=obj.scopes,
+            expires_at=obj.expires_at,
+            actor=request.user,  # type: ignore[arg-type]
+            ip=request_client_ip(request),
+        )
+        obj.pk = created.pk
+        obj.prefix = created.prefix
+        obj.secret_hash = created.secret_hash
+        obj.created_at = created.created_at
+        messages.warning(
+            request,
+            f"The new key is {raw} — copy it now; it is not stored and will not be shown again.",
+        )
+
+    @admin.action(description="Revoke selected keys", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        with transaction.atomic():
+            for api_key in queryset:
+                api_key_revoke(
+                    api_key_id=api_key.pk,
+                    actor=request.user,  # type: ignore[arg-type]
+                    ip=request_client_ip(request),
+                )
+        messages.success(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(RetentionPolicy)
+class RetentionPolicyAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "conversation_days", "updated_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return not RetentionPolicy.objects.exists()
 
 
 async def _in_batches(lines: Iterator[str], size: int = 500) -> AsyncIterator[str]:

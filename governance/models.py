@@ -1,66 +1,249 @@
+import datetime as dt
+from decimal import Decimal
+
 from django.conf import settings
+from django.contrib.auth.models import Group
+from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
 
-class DailyTokenQuota(models.Model):
-    """Tokens (prompt + completion) a user may spend per UTC day.
+class ApiKey(models.Model):
+    """A key a program presents instead of a session. Only a sha256 of the secret is stored;
+    `prefix` (public, unique) finds the row and tells keys apart in lists."""
 
-    The row without a user is the default for everyone without a row of their own.
+    class Scope(models.TextChoices):
+        CHAT = "chat", "chat completions"
+        EMBEDDINGS = "embeddings", "embeddings"
+        MODELS = "models", "list models"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    scopes = ArrayField(models.CharField(max_length=20, choices=Scope.choices), default=list)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    def state_at(self, now: dt.datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+_NON_NEGATIVE = [MinValueValidator(Decimal(0))]
+
+
+def _cost_field(help_text: str = "") -> models.DecimalField:  # type: ignore[type-arg]
+    return models.DecimalField(
+        max_digits=14,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        validators=_NON_NEGATIVE,
+        help_text=help_text,
+    )
+
+
+class UsageLimit(models.Model):
+    """Limits for one subject: a user, a group or an API key. Empty fields mean no limit.
+
+    The row with no subject is the default for every user without a row of their own. Group rows
+    are shared by the members (their counters are the group's), and a key's row applies on top
+    of its owner's limits. Every limit that applies to a request must admit it.
     """
 
     user = models.OneToOneField(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="usage_limit",
     )
-    tokens_per_day = models.PositiveIntegerField()
+    group = models.OneToOneField(
+        Group, null=True, blank=True, on_delete=models.CASCADE, related_name="usage_limit"
+    )
+    api_key = models.OneToOneField(
+        ApiKey, null=True, blank=True, on_delete=models.CASCADE, related_name="usage_limit"
+    )
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_day = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_month = models.PositiveIntegerField(null=True, blank=True)
+    cost_per_day = _cost_field("In the currency of the model prices")
+    cost_per_month = _cost_field("In the currency of the model prices")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         constraints = [
-            # At most one default row (user NULL); OneToOne alone lets NULLs repeat.
+            models.CheckConstraint(
+                condition=(
+                    models.Q(user__isnull=True, group__isnull=True)
+                    | models.Q(user__isnull=True, api_key__isnull=True)
+                    | models.Q(group__isnull=True, api_key__isnull=True)
+                ),
+                name="usage_limit_has_at_most_one_subject",
+                violation_error_message="A limit applies to a user, a group or an API key: "
+                "choose one of them (or none, for the default).",
+            ),
+            # At most one default row (no subject): NULLs must not count as distinct.
             models.UniqueConstraint(
-                fields=["user"], name="one_daily_token_quota_per_user", nulls_distinct=False
-            )
+                fields=["user", "group", "api_key"],
+                name="one_usage_limit_per_subject",
+                nulls_distinct=False,
+                violation_error_message="There is already a limit for this subject.",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    (models.Q(cost_per_day__isnull=True) | models.Q(cost_per_day__gte=0))
+                    & (models.Q(cost_per_month__isnull=True) | models.Q(cost_per_month__gte=0))
+                ),
+                name="usage_limit_costs_not_negative",
+            ),
         ]
 
     def __str__(self) -> str:
-        who = self.user or "everyone (default)"
-        return f"{who}: {self.tokens_per_day} tokens/day"
+        return f"limits for {self.subject_label}"
+
+    @property
+    def subject_label(self) -> str:
+        if self.user_id:
+            return f"user {self.user}"
+        if self.group_id:
+            return f"group {self.group}"
+        if self.api_key_id:
+            return f"API key {self.api_key}"
+        return "everyone (default)"
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if (
+            self.tokens_per_day is not None
+            and self.tokens_per_month is not None
+            and self.tokens_per_day > self.tokens_per_month
+        ):
+            errors["tokens_per_day"] = "A day cannot allow more tokens than its month."
+        if (
+            self.cost_per_day is not None
+            and self.cost_per_month is not None
+            and self.cost_per_day > self.cost_per_month
+        ):
+            errors["cost_per_day"] = "A day cannot allow a higher cost than its month."
+        if errors:
+            raise ValidationError(errors)
 
 
-class TokenUsage(models.Model):
-    """A user's spend for one day: `reserved` is held by answers in flight, `used` is settled."""
+class BudgetUsage(models.Model):
+    """One subject's spend in one period (a UTC day or month). `*_reserved` is held by answers
+    in flight, `*_used` is settled. Exactly one of user, group and api_key is set."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
-    day = models.DateField()
-    reserved = models.PositiveIntegerField(default=0)
-    used = models.PositiveIntegerField(default=0)
+    class Period(models.TextChoices):
+        DAY = "day"
+        MONTH = "month"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE
+    )
+    group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.CASCADE)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.CASCADE)
+    period = models.CharField(max_length=5, choices=Period.choices)
+    period_start = models.DateField()
+    tokens_reserved = models.PositiveBigIntegerField(default=0)
+    tokens_used = models.PositiveBigIntegerField(default=0)
+    cost_reserved = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
+    cost_used = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["user", "day"], name="one_token_usage_per_user_day")
+            models.UniqueConstraint(
+                fields=["user", "group", "api_key", "period", "period_start"],
+                name="one_budget_usage_per_subject_period",
+                nulls_distinct=False,
+            ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(user__isnull=False, group__isnull=True, api_key__isnull=True)
+                    | models.Q(user__isnull=True, group__isnull=False, api_key__isnull=True)
+                    | models.Q(user__isnull=True, group__isnull=True, api_key__isnull=False)
+                ),
+                name="budget_usage_has_one_subject",
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.user} {self.day}: used {self.used}, reserved {self.reserved}"
+        who = self.user or self.group or self.api_key
+        return f"{who} {self.period} {self.period_start}: {self.tokens_used} tokens"
 
 
 class QuotaReservation(models.Model):
-    """Tokens held for one answer, settled (or released) exactly once."""
+    """Tokens and cost held for one answer in every budget that applies, settled (or
+    released) exactly once. Prices are copied here so that a price edit while the answer runs
+    does not change what it costs."""
 
     class Status(models.TextChoices):
         HELD = "held"
         SETTLED = "settled"
         RELEASED = "released"
 
-    usage = models.ForeignKey(TokenUsage, on_delete=models.CASCADE, related_name="reservations")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL)
+    usages = models.ManyToManyField(BudgetUsage, related_name="reservations", blank=True)
     tokens = models.PositiveIntegerField()
+    cost = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
+    price_input_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    price_output_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.HELD)
     settled_tokens = models.PositiveIntegerField(null=True, blank=True)
+    settled_cost = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
         return f"reservation {self.pk}: {self.tokens} ({self.status})"
+
+
+class RetentionPolicy(models.Model):
+    """How long conversations are kept after their last activity. One row; empty keeps them."""
+
+    conversation_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Delete conversations this many days after their last message. "
+        "Leave empty to keep them until their owner deletes them.",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "retention policy"
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(conversation_days__isnull=True)
+                | models.Q(conversation_days__gte=1),
+                name="retention_at_least_one_day",
+            )
+        ]
+
+    def __str__(self) -> str:
+        if self.conversation_days is None:
+            return "conversations are kept"
+        return f"conversations are deleted after {self.conversation_days} days"
 
 
 class AuditEvent(models.Model):

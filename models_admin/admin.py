@@ -20,7 +20,15 @@ class ModelAdmin(admin.ModelAdmin):
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "stage", "backend", "context_window", "created_at")
+    list_display = (
+        "__str__",
+        "stage",
+        "backend",
+        "context_window",
+        "price_per_1k_input_tokens",
+        "price_per_1k_output_tokens",
+        "created_at",
+    )
     list_filter = ("stage", "backend", "model")
     readonly_fields = ("artifact_path", "sha256", "source", "registered_by", "created_at")
     list_select_related = ("model",)

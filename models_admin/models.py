@@ -1,4 +1,7 @@
+from decimal import Decimal
+
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from pgvector.django import HnswIndex, VectorField
 
@@ -39,6 +42,13 @@ class ModelVersion(models.Model):
     temperature = models.FloatField(default=0.3)
     top_p = models.FloatField(default=0.9)
     system_prompt = models.TextField(default="You are a helpful assistant. Answer concisely.")
+    # What a request costs, for budgets (governance). Any currency, as long as it is one.
+    price_per_1k_input_tokens = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal(0), validators=[MinValueValidator(0)]
+    )
+    price_per_1k_output_tokens = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal(0), validators=[MinValueValidator(0)]
+    )
     registered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
@@ -50,6 +60,11 @@ class ModelVersion(models.Model):
             models.CheckConstraint(
                 condition=models.Q(temperature__gte=0) & models.Q(top_p__gt=0, top_p__lte=1),
                 name="model_version_sampling_in_range",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(price_per_1k_input_tokens__gte=0)
+                & models.Q(price_per_1k_output_tokens__gte=0),
+                name="model_version_prices_not_negative",
             ),
         ]
 

@@ -168,7 +168,7 @@ def chat_model(
 
     Greedy decoding and short answers keep the suite fast and repeatable.
     """
-    from governance.models import DailyTokenQuota
+    from governance.models import UsageLimit
     from models_admin.importing import model_version_register
     from models_admin.models import Deployment
 
@@ -184,8 +184,19 @@ def chat_model(
     version.save()
     Deployment.objects.filter(alias="chat-default").update(queue=TEST_QUEUE)
     # Flushing between transactional tests also removes the migration's default quota row.
-    DailyTokenQuota.objects.get_or_create(user=None, defaults={"tokens_per_day": 200_000})
+    UsageLimit.objects.get_or_create(
+        user=None, group=None, api_key=None, defaults={"tokens_per_day": 200_000}
+    )
     return version
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rate_limit_buckets_of_this_session() -> None:
+    """Ids restart with each test database while Redis keeps its buckets for a minute: give
+    this session buckets of its own."""
+    from django.conf import settings
+
+    settings.RATE_LIMIT_KEY_PREFIX = f"genai:ratelimit:{TEST_QUEUE}"
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from django.test import Client
 
 from chat.models import Message
 from chat.services import conversation_create
-from governance.models import TokenUsage
+from governance.models import BudgetUsage
 from tests.chat.wsclient import communicator, receive, receive_until, send
 from tests.conftest import TEST_QUEUE
 from tests.factories import PASSWORD, session_cookie_for, user_create
@@ -42,8 +42,8 @@ async def test_weights_that_fail_their_hash_fail_the_turn_and_retry_answers(chat
     question, answer = [m async for m in Message.objects.order_by("id")]
     assert question.status == "sent" and question.content == "Hello?"
     assert answer.status == "failed"
-    usage = await TokenUsage.objects.aget(user=user)
-    assert usage.reserved == 0 and usage.used == 0, "a failed answer costs nothing"
+    usage = await BudgetUsage.objects.aget(user=user, period="day")
+    assert usage.tokens_reserved == 0 and usage.tokens_used == 0, "a failed answer costs nothing"
 
     chat_model.sha256 = good_hash  # the operator fixes the registry
     await chat_model.asave()

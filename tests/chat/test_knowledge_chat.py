@@ -13,7 +13,7 @@ from chat.knowledge.ingestion import document_ingest, document_upload
 from chat.models import Citation, Conversation, KnowledgeBase, Message
 from chat.rendering import MessageView
 from chat.services import conversation_create
-from governance.models import AuditEvent, TokenUsage
+from governance.models import AuditEvent, BudgetUsage
 from tests.chat.knowledge_helpers import knowledge_base_create
 from tests.chat.wsclient import communicator, receive, receive_until, send
 from tests.factories import session_cookie_for, user_create
@@ -183,8 +183,8 @@ async def test_when_nothing_relevant_is_found_the_answer_says_so_and_cites_nothi
     assert not await Citation.objects.filter(message=answer).aexists()
     assert "/chat/citations/" not in frames[-1].raw
     assert "found nothing relevant" in frames[-1].raw
-    usage = await TokenUsage.objects.aget(user=user)
-    assert usage.used == 0 and usage.reserved == 0
+    usage = await BudgetUsage.objects.aget(user=user, period="day")
+    assert usage.tokens_used == 0 and usage.tokens_reserved == 0
 
 
 @pytest.mark.usefixtures("chat_model")

@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import Message
-from governance.models import AuditEvent, BlockedTerm, SafetyHold, SafetyPolicy, TokenUsage
+from governance.models import AuditEvent, BlockedTerm, BudgetUsage, SafetyHold, SafetyPolicy
 from models_admin.models import Deployment
 from tests.chat.test_turn import _connect, _first_answer_id, _messages, _user_with_conversation
 from tests.chat.wsclient import receive, receive_until, send
@@ -77,7 +77,7 @@ async def test_a_blocked_input_is_refused_with_the_reason_and_the_message_is_kep
     [question] = await _messages(conversation.pk)
     assert question.status == "refused" and question.content == text
     assert question.error.startswith("Blocked by this site's safety policy")
-    assert not await TokenUsage.objects.filter(user=user, reserved__gt=0).aexists()
+    assert not await BudgetUsage.objects.filter(user=user, tokens_reserved__gt=0).aexists()
     [refused] = await _audit_details("turn.refused")
     assert refused["limit"] == "safety"
     assert refused["safety"]["filters"]["injection"]["action"] == "block"

@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 
 from chat.models import Message
 from chat.services import conversation_create
-from governance.models import AuditEvent, DailyTokenQuota, TokenUsage
+from governance.models import AuditEvent, BudgetUsage, UsageLimit
 from tests.chat.wsclient import communicator, receive, receive_until, send
 from tests.factories import session_cookie_for, user_create
 
@@ -66,9 +66,9 @@ async def test_answer_streams_in_order_and_is_saved_with_its_figures() -> None:
     assert answer.time_to_first_token_ms and answer.time_to_first_token_ms > 0
     assert answer.tokens_per_second and answer.tokens_per_second > 0
 
-    usage = await TokenUsage.objects.aget(user=user)
-    assert usage.reserved == 0
-    assert usage.used == answer.prompt_tokens + answer.completion_tokens
+    usage = await BudgetUsage.objects.aget(user=user, period="day")
+    assert usage.tokens_reserved == 0
+    assert usage.tokens_used == answer.prompt_tokens + answer.completion_tokens
     actions = [a async for a in AuditEvent.objects.values_list("action", flat=True)]
     assert "turn.admitted" in actions and "turn.generated" in actions
     await comm.disconnect()
@@ -112,7 +112,7 @@ async def test_stop_ends_the_answer_and_keeps_the_partial_text(chat_model) -> No
 
 async def test_over_quota_message_is_refused_with_reason_and_reset_time() -> None:
     user, conversation, cookie = await _user_with_conversation()
-    await DailyTokenQuota.objects.acreate(user=user, tokens_per_day=20)
+    await UsageLimit.objects.acreate(user=user, tokens_per_day=20)
     comm = await _connect(conversation.pk, cookie)
     await send(comm, text="Hello there")
     frame = await receive(comm)

@@ -8,7 +8,7 @@ from django.test import Client
 
 from chat.models import Message
 from chat.services import conversation_create, turn_submit
-from governance.models import AuditEvent, TokenUsage
+from governance.models import AuditEvent, BudgetUsage
 from models_admin.models import Deployment
 from tests.factories import user_create
 
@@ -37,14 +37,14 @@ def _generated_events() -> list[dict]:  # type: ignore[type-arg]
 def test_a_repeated_deterministic_question_is_answered_from_the_cache_free_of_charge() -> None:
     user = user_create()
     first = _answered(user, QUESTION)
-    used_after_first = TokenUsage.objects.get(user=user).used
+    used_after_first = BudgetUsage.objects.get(user=user, period="day").tokens_used
     # Whitespace differences do not defeat the cache: the prompt is normalised.
     second = _answered(user, f"  {QUESTION.replace(' ', '  ')} ")
 
     assert first.status == second.status == "complete"
     assert second.content == first.content
     assert [e["cache"] for e in _generated_events()] == [None, "exact"]
-    assert TokenUsage.objects.get(user=user).used == used_after_first
+    assert BudgetUsage.objects.get(user=user, period="day").tokens_used == used_after_first
 
 
 def test_a_different_question_or_a_switched_off_cache_goes_to_the_model() -> None:

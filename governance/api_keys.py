@@ -1,0 +1,153 @@
+"""API keys: created with a secret shown once, stored as a hash, found by a public prefix.
+
+A key reads `gsk_<prefix>_<secret>`, the prefix being 8 hex characters. The secret is 32 random
+bytes, so a plain sha256 is enough to store it (a slow password hash protects guessable
+secrets; these are not guessable), and authenticating costs one indexed lookup by prefix and a
+constant-time comparison."""
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from governance.audit import audit_record
+from governance.models import ApiKey, UsageLimit
+
+KEY_PREFIX = "gsk"
+_PREFIX_BYTES = 4  # 8 hex characters: no "_", which separates the parts
+
+
+class ApiKeyInvalid(Exception):
+    """The presented key does not admit anyone; the message says why, without secrets."""
+
+
+def _hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def api_key_scopes_clean(scopes: Iterable[str]) -> list[str]:
+    valid = set(ApiKey.Scope.values)
+    chosen = sorted(set(scopes))
+    unknown = [s for s in chosen if s not in valid]
+    if unknown:
+        raise ValidationError(
+            f"Unknown scope {', '.join(unknown)}; choose from {', '.join(sorted(valid))}."
+        )
+    if not chosen:
+        raise ValidationError("Choose at least one scope.")
+    return chosen
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    user: User,
+    name: str,
+    scopes: Iterable[str],
+    expires_at: dt.datetime | None = None,
+    requests_per_minute: int | None = None,
+    tokens_per_day: int | None = None,
+    actor: User | None,
+    ip: str | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key for `user`; returns it with the raw key, which is not stored anywhere."""
+    name = name.strip()
+    if not name:
+        raise ValidationError("Give the key a name.")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError("The expiry must be in the future.")
+    chosen = api_key_scopes_clean(scopes)
+    prefix = secrets.token_hex(_PREFIX_BYTES)
+    raw = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey(
+        user=user,
+        name=name[:100],
+        prefix=prefix,
+        secret_hash=_hash(raw),
+        scopes=chosen,
+        expires_at=expires_at,
+    )
+    api_key.full_clean()
+    api_key.save()
+    limits = {"requests_per_minute": requests_per_minute, "tokens_per_day": tokens_per_day}
+    if any(v is not None for v in limits.values()):
+        limit = UsageLimit(api_key=api_key, **limits)
+        limit.full_clean()
+        limit.save()
+    audit_record(
+        actor=actor,
+        action="api_key.created",
+        target_type="api_key",
+        target_id=api_key.pk,
+        details={
+            "user": user.pk,
+            "name": api_key.name,
+            "prefix": prefix,
+            "scopes": chosen,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+            "limits": {k: v for k, v in limits.items() if v is not None},
+        },
+        ip=ip,
+    )
+    return api_key, raw
+
+
+@transaction.atomic
+def api_key_revoke(*, api_key_id: int, actor: User, ip: str | None = None) -> ApiKey:
+    """Revoke a key; the next request that presents it is refused. Users revoke only their
+    own keys; staff with the change permission revoke anyone's."""
+    api_key = ApiKey.objects.select_for_update().get(pk=api_key_id)
+    if api_key.user_id != actor.pk and not actor.has_perm("governance.change_apikey"):
+        raise ApiKey.DoesNotExist("No such API key.")
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+        audit_record(
+            actor=actor,
+            action="api_key.revoked",
+            target_type="api_key",
+            target_id=api_key.pk,
+            details={"user": api_key.user_id, "prefix": api_key.prefix},
+            ip=ip,
+        )
+    return api_key
+
+
+def _raise_unless_active(api_key: ApiKey, now: dt.datetime) -> None:
+    state = api_key.state_at(now)
+    if state == "revoked":
+        raise ApiKeyInvalid(f"API key {api_key.prefix} was revoked.")
+    if state == "expired":
+        assert api_key.expires_at is not None
+        raise ApiKeyInvalid(
+            f"API key {api_key.prefix} expired at {api_key.expires_at:%Y-%m-%d %H:%M} UTC."
+        )
+
+
+def api_key_require_active(*, api_key_id: int) -> None:
+    """Raise ApiKeyInvalid unless the key is still active now (one query)."""
+    _raise_unless_active(ApiKey.objects.get(pk=api_key_id), timezone.now())
+
+
+def api_key_authenticate(*, raw: str) -> ApiKey:
+    """The active key that `raw` is, or ApiKeyInvalid saying why not."""
+    parts = raw.strip().split("_", 2) if isinstance(raw, str) else []
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise ApiKeyInvalid("Malformed API key: expected gsk_<prefix>_<secret>.")
+    api_key = ApiKey.objects.select_related("user").filter(prefix=parts[1]).first()
+    if api_key is None or not hmac.compare_digest(api_key.secret_hash, _hash(raw.strip())):
+        raise ApiKeyInvalid("Unknown API key.")
+    now = timezone.now()
+    _raise_unless_active(api_key, now)
+    if not api_key.user.is_active:
+        raise ApiKeyInvalid(f"The owner of API key {api_key.prefix} is deactivated.")
+    # Not audited: every API request is, through admission. Only one write a minute per key.
+    if api_key.last_used_at is None or now - api_key.last_used_at > dt.timedelta(minutes=1):
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    return api_key

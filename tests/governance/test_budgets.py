@@ -1,0 +1,195 @@
+"""Daily and monthly token and cost budgets against real PostgreSQL, under real concurrency."""
+
+import datetime as dt
+from decimal import Decimal
+from functools import partial
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from governance.admission import Refusal, turn_admit
+from governance.audit import audit_verify
+from governance.budgets import budget_release, budget_settle
+from governance.models import AuditEvent, BudgetUsage, QuotaReservation, UsageLimit
+from models_admin.models import Model, ModelVersion
+from tests.factories import user_create
+from tests.governance.limits_helpers import run_concurrently
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _admit(user, input_tokens: int = 100, output_tokens: int = 50, **kwargs):  # type: ignore[no-untyped-def]
+    return turn_admit(
+        user=user,
+        input_tokens=input_tokens,
+        max_output_tokens=output_tokens,
+        target_type="test",
+        target_id="x",
+        **kwargs,
+    )
+
+
+def _settle(reservation_id: int, input_tokens: int, output_tokens: int) -> Decimal | None:
+    return budget_settle(
+        reservation_id=reservation_id, input_tokens=input_tokens, output_tokens=output_tokens
+    )
+
+
+def _priced_version(price_in: str, price_out: str) -> ModelVersion:
+    model = Model.objects.create(name=f"priced-{price_in}-{price_out}")
+    return ModelVersion.objects.create(
+        model=model,
+        version="1",
+        artifact_path="x",
+        sha256="0" * 64,
+        price_per_1k_input_tokens=Decimal(price_in),
+        price_per_1k_output_tokens=Decimal(price_out),
+    )
+
+
+def test_two_hundred_concurrent_requests_admit_exactly_what_the_daily_budget_allows() -> None:
+    user = user_create()
+    # 150 tokens a request: 37 fit in 5,600 (5,550), the 38th would not.
+    UsageLimit.objects.create(user=user, tokens_per_day=5_600)
+    outcomes = run_concurrently([lambda: _admit(user)] * 200, threads=64)
+    admitted = [o for o in outcomes if isinstance(o, QuotaReservation)]
+    refused = [o for o in outcomes if isinstance(o, Refusal)]
+    assert len(admitted) == 37 and len(refused) == 163
+    usage = BudgetUsage.objects.get(user=user, period="day")
+    assert usage.tokens_reserved == 37 * 150 and usage.tokens_used == 0
+
+    # Settle them all at once with real counts (up to the maximum each reserved).
+    real = [(100, 50 - i % 50) for i in range(len(admitted))]
+    costs = run_concurrently(
+        [partial(_settle, r.pk, *t) for r, t in zip(admitted, real, strict=True)], threads=32
+    )
+    assert all(c == Decimal(0) for c in costs)
+    usage.refresh_from_db()
+    assert usage.tokens_reserved == 0
+    assert usage.tokens_used == sum(a + b for a, b in real) <= 5_600
+    assert AuditEvent.objects.filter(action="turn.admitted").count() == 37
+    assert AuditEvent.objects.filter(action="turn.refused").count() == 163
+    assert audit_verify().intact
+
+
+def test_two_hundred_concurrent_requests_never_pass_a_groups_monthly_cost_budget() -> None:
+    version = _priced_version("0.5", "1.5")  # 100 in + 50 out = 0.05 + 0.075 = 0.125
+    group = Group.objects.create(name="lab")
+    members = [user_create() for _ in range(4)]
+    for member in members:
+        member.groups.add(group)
+    UsageLimit.objects.create(group=group, cost_per_month=Decimal("2.5"))  # exactly 20
+    outcomes = run_concurrently(
+        [partial(_admit, members[i % 4], model_version=version) for i in range(200)],
+        threads=64,
+    )
+    admitted = [o for o in outcomes if isinstance(o, QuotaReservation)]
+    assert len(admitted) == 20
+    usage = BudgetUsage.objects.get(group=group, period="month")
+    assert usage.cost_reserved == Decimal("2.5")
+    refusal = next(o for o in outcomes if isinstance(o, Refusal))
+    assert refusal.limit == "group.cost_per_month"
+    assert "Monthly cost budget of group “lab” reached: 0.00 of 2.50 left" in refusal.reason
+    assert "needs up to 0.125." in refusal.reason
+    for reservation in admitted:
+        assert budget_settle(
+            reservation_id=reservation.pk, input_tokens=80, output_tokens=50
+        ) == Decimal("0.115")
+    usage.refresh_from_db()
+    assert usage.cost_reserved == 0 and usage.cost_used == Decimal("2.3") <= Decimal("2.5")
+
+
+def test_settle_counts_real_tokens_and_cost_once_and_release_returns_the_hold() -> None:
+    version = _priced_version("1", "2")
+    user = user_create()
+    UsageLimit.objects.create(user=user, tokens_per_day=1000, cost_per_day=Decimal("10"))
+    first = _admit(user, 200, 100, model_version=version)
+    second = _admit(user, 200, 100, model_version=version)
+    assert isinstance(first, QuotaReservation) and isinstance(second, QuotaReservation)
+    assert first.cost == Decimal("0.4")
+    version.price_per_1k_input_tokens = Decimal(100)  # a price edit mid-answer changes nothing
+    version.save()
+    assert budget_settle(reservation_id=first.pk, input_tokens=150, output_tokens=20) == Decimal(
+        "0.19"
+    )
+    assert budget_settle(reservation_id=first.pk, input_tokens=150, output_tokens=20) is None
+    assert budget_release(reservation_id=second.pk)
+    assert not budget_release(reservation_id=second.pk)
+    usage = BudgetUsage.objects.get(user=user, period="day")
+    assert (usage.tokens_used, usage.tokens_reserved) == (170, 0)
+    assert (usage.cost_used, usage.cost_reserved) == (Decimal("0.19"), 0)
+
+
+def test_refusal_names_the_limit_and_when_it_resets() -> None:
+    user = user_create()
+    UsageLimit.objects.create(user=user, tokens_per_day=100, tokens_per_month=1000)
+    refusal = _admit(user, 60, 50)
+    assert isinstance(refusal, Refusal)
+    assert refusal.limit == "user.tokens_per_day"
+    assert "Daily token quota reached: 100 of 100 tokens left today" in refusal.reason
+    assert "needs up to 110" in refusal.reason and "resets at 00:00 UTC" in refusal.reason
+    now = timezone.now()
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    assert abs(refusal.retry_after - (midnight - now).total_seconds()) <= 2
+    event = AuditEvent.objects.get(action="turn.refused")
+    assert event.details["limit"] == "user.tokens_per_day"
+    assert event.details["retry_after"] == refusal.retry_after
+
+
+def test_monthly_refusal_resets_on_the_first_of_next_month() -> None:
+    user = user_create()
+    UsageLimit.objects.create(user=user, tokens_per_month=100)
+    refusal = _admit(user, 60, 50)
+    assert isinstance(refusal, Refusal) and refusal.limit == "user.tokens_per_month"
+    today = timezone.now().date()
+    first = (today.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+    assert f"resets on {first:%Y-%m-%d} at 00:00 UTC" in refusal.reason
+    assert refusal.retry_after > (first - today).days * 86400 - 86400
+
+
+def test_a_refused_budget_holds_nothing_in_the_others() -> None:
+    user = user_create()
+    group = Group.objects.create(name="tight")
+    user.groups.add(group)
+    UsageLimit.objects.create(user=user, tokens_per_day=10_000)
+    UsageLimit.objects.create(group=group, tokens_per_day=100)
+    refusal = _admit(user)
+    assert isinstance(refusal, Refusal) and refusal.limit == "group.tokens_per_day"
+    assert not BudgetUsage.objects.filter(user=user, tokens_reserved__gt=0).exists()
+    assert not QuotaReservation.objects.exists()
+
+
+def test_the_default_row_applies_to_users_without_their_own() -> None:
+    UsageLimit.objects.update_or_create(
+        user=None, group=None, api_key=None, defaults={"tokens_per_day": 150}
+    )
+    plain, special = user_create(), user_create()
+    UsageLimit.objects.create(user=special, tokens_per_day=10_000)
+    assert isinstance(_admit(plain), QuotaReservation)
+    assert isinstance(_admit(plain), Refusal)
+    assert all(isinstance(_admit(special), QuotaReservation) for _ in range(3))
+
+
+def test_malformed_limits_are_rejected_with_a_reason() -> None:
+    user = user_create()
+    group = Group.objects.create(name="g")
+    cases = [
+        (UsageLimit(user=user, group=group), "choose one of them"),
+        (
+            UsageLimit(user=user, tokens_per_day=10, tokens_per_month=5),
+            "more tokens than its month",
+        ),
+        (UsageLimit(user=user, cost_per_day=Decimal("-1")), "greater than or equal to 0"),
+        (UsageLimit(user=user, cost_per_day=Decimal(3), cost_per_month=Decimal(2)), "higher cost"),
+    ]
+    for limit, reason in cases:
+        with pytest.raises(ValidationError) as exc:
+            limit.full_clean()
+        assert reason in " ".join(exc.value.messages)
+    UsageLimit.objects.filter(user=None, group=None, api_key=None).delete()
+    UsageLimit.objects.create(tokens_per_day=5)
+    with pytest.raises(ValidationError) as exc:
+        UsageLimit(tokens_per_day=6).full_clean()
+    assert "already a limit for this subject" in " ".join(exc.value.messages)
