@@ -22,7 +22,6 @@ from governance.models import (
     SafetyPolicy,
     UsageLimit,
 )
-from governance.safety_settings import safety_setting_delete, safety_setting_save
 
 
 @admin.register(UsageLimit)
@@ -245,24 +244,8 @@ class SafetyPolicyForm(forms.ModelForm):
         return region
 
 
-class _AuditedSafetySetting(admin.ModelAdmin):
-    """Saves and deletes go through the service, which writes the audit event."""
-
-    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
-        safety_setting_save(
-            obj=obj, actor=request.user, ip=request_client_ip(request), changed=form.changed_data
-        )
-
-    def delete_model(self, request: HttpRequest, obj: Any) -> None:
-        safety_setting_delete(obj=obj, actor=request.user, ip=request_client_ip(request))
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        for obj in queryset:
-            self.delete_model(request, obj)
-
-
 @admin.register(SafetyPolicy)
-class SafetyPolicyAdmin(_AuditedSafetySetting):
+class SafetyPolicyAdmin(admin.ModelAdmin):
     form = SafetyPolicyForm
     list_display = (
         "deployment",
@@ -284,7 +267,7 @@ class SafetyPolicyAdmin(_AuditedSafetySetting):
 
 
 @admin.register(BlockedTerm)
-class BlockedTermAdmin(_AuditedSafetySetting):
+class BlockedTermAdmin(admin.ModelAdmin):
     list_display = ("term", "note", "created_at")
     search_fields = ("term",)
 

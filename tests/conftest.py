@@ -182,7 +182,12 @@ def chat_model(
     version.temperature = 0.0
     version.max_output_tokens = 48
     version.save()
-    Deployment.objects.filter(alias="chat-default").update(queue=TEST_QUEUE)
+    # Response caches off: Redis outlives each test's database, and the same weights, prompt and
+    # greedy parameters would answer later tests from the cache instead of streaming. The cache
+    # tests switch them on.
+    Deployment.objects.filter(alias="chat-default").update(
+        queue=TEST_QUEUE, exact_cache_enabled=False, semantic_cache_enabled=False
+    )
     # Flushing between transactional tests also removes the migration's default quota row.
     UsageLimit.objects.get_or_create(
         user=None, group=None, api_key=None, defaults={"tokens_per_day": 200_000}

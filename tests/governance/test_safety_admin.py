@@ -57,7 +57,7 @@ def test_staff_with_permission_creates_a_policy_and_it_is_audited() -> None:
     assert policy.phone_region == "GB" and policy.injection_threshold == 0.6
     settings = safety_policy_get(deployment_id=policy.deployment_id)
     assert settings.input_injection == Action.BLOCK and settings.output_blocklist == Action.HOLD
-    event = AuditEvent.objects.get(action="safety_policy.created")
+    event = AuditEvent.objects.get(action="admin.added", target_type="governance.safetypolicy")
     assert event.actor_id == admin.pk and event.target_id == str(policy.pk)
 
 
@@ -112,7 +112,9 @@ def test_staff_with_permission_adds_and_deletes_blocked_terms_with_audit() -> No
     response = client.post(f"/admin/governance/blockedterm/{term.pk}/delete/", {"post": "yes"})
     assert response.status_code == 302 and not BlockedTerm.objects.exists()
     actions = list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
-    assert actions[-2:] == ["blocked_term.created", "blocked_term.deleted"]
+    targets = list(AuditEvent.objects.order_by("id").values_list("target_type", flat=True))
+    assert actions[-2:] == ["admin.added", "admin.deleted"]
+    assert targets[-2:] == ["governance.blockedterm", "governance.blockedterm"]
 
 
 def test_holds_cannot_be_added_or_changed_in_the_admin() -> None:

@@ -4,6 +4,8 @@ import re
 import time
 
 import pytest
+import redis
+from django.conf import settings
 from django.test import Client
 
 from chat.models import Message
@@ -12,7 +14,19 @@ from governance.models import AuditEvent, BudgetUsage
 from models_admin.models import Deployment
 from tests.factories import user_create
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_model")]
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+ROUTE = "chat-default"
+
+
+@pytest.fixture(autouse=True)
+def _exact_cache_on_and_empty(chat_model) -> None:  # type: ignore[no-untyped-def]
+    # Redis outlives each test's database: start every test with no cached answers.
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for key in client.scan_iter(match="*answer:exact:*"):
+        client.delete(key)
+    Deployment.objects.filter(alias=ROUTE).update(exact_cache_enabled=True)
+
 
 QUESTION = "Name two planets of the solar system."
 
