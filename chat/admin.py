@@ -70,7 +70,14 @@ class KnowledgeBaseForm(forms.ModelForm):
 
     class Meta:
         model = KnowledgeBase
-        fields = ("name", "description", "groups", "chunk_tokens", "chunk_overlap_tokens")
+        fields = (
+            "name",
+            "description",
+            "groups",
+            "chunk_tokens",
+            "chunk_overlap_tokens",
+            "retention_days",
+        )
 
 
 class DocumentInline(admin.TabularInline):

@@ -135,6 +135,12 @@ class KnowledgeBase(models.Model):
     # Chunk sizes are counted in the embedding model's word pieces (it reads at most 256).
     chunk_tokens = models.PositiveIntegerField(default=200)
     chunk_overlap_tokens = models.PositiveIntegerField(default=40)
+    retention_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Delete documents this many days after they were uploaded. "
+        "Leave empty to keep them until an operator deletes them.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -147,6 +153,11 @@ class KnowledgeBase(models.Model):
             models.CheckConstraint(
                 condition=models.Q(chunk_overlap_tokens__lt=models.F("chunk_tokens") / 2),
                 name="knowledge_base_overlap_below_half_chunk",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(retention_days__isnull=True) | models.Q(retention_days__gte=1),
+                name="knowledge_base_retention_at_least_one_day",
+                violation_error_message="Retention must be at least one day (or empty).",
             ),
         ]
 

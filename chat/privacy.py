@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Document, KnowledgeBase, Message
 from chat.services import stop_key
 from governance.audit import audit_record
 from governance.budgets import budget_release
@@ -82,3 +82,36 @@ def conversations_purge_expired(*, now: dt.datetime | None = None) -> int:
             },
         )
     return len(conversation_ids)
+
+
+@transaction.atomic
+def documents_purge_expired(*, now: dt.datetime | None = None) -> int:
+    """Delete documents (and their chunks) older than their knowledge base's retention.
+
+    Answers that cited them keep their copy of the passage (`Citation`), as on any deletion.
+    """
+    moment = now or timezone.now()
+    purged = 0
+    for kb in KnowledgeBase.objects.filter(retention_days__isnull=False):
+        assert kb.retention_days is not None
+        cutoff = moment - dt.timedelta(days=kb.retention_days)
+        expired = Document.objects.select_for_update(skip_locked=True).filter(
+            knowledge_base=kb, created_at__lt=cutoff
+        )
+        ids = list(expired.values_list("pk", flat=True))
+        if not ids:
+            continue
+        Document.objects.filter(pk__in=ids).delete()
+        purged += len(ids)
+        audit_record(
+            actor=None,
+            action="retention.purged",
+            target_type="knowledge_base",
+            target_id=kb.pk,
+            details={
+                "cutoff": cutoff.isoformat(),
+                "retention_days": kb.retention_days,
+                "documents": ids,
+            },
+        )
+    return purged

@@ -2,7 +2,7 @@ from celery import shared_task
 
 from chat.generation import reply_generate
 from chat.knowledge.ingestion import document_ingest
-from chat.privacy import conversations_purge_expired
+from chat.privacy import conversations_purge_expired, documents_purge_expired
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -16,5 +16,9 @@ def ingest_document(document_id: int, generation: int) -> None:
 
 
 @shared_task(ignore_result=True)
-def purge_expired_conversations() -> int:
-    return conversations_purge_expired()
+def purge_expired_data() -> dict[str, int]:
+    """The retention purge (Celery beat): conversations, and knowledge base documents."""
+    return {
+        "conversations": conversations_purge_expired(),
+        "documents": documents_purge_expired(),
+    }

@@ -99,8 +99,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBIL
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Run by the worker that the launcher starts with --beat (one beat per deployment).
 CELERY_BEAT_SCHEDULE = {
-    "purge-expired-conversations": {
-        "task": "chat.tasks.purge_expired_conversations",
+    "purge-expired-data": {
+        "task": "chat.tasks.purge_expired_data",
         "schedule": env.float("RETENTION_PURGE_INTERVAL_SECONDS", default=3600.0),
     }
 }

@@ -10,7 +10,7 @@ from django.utils import timezone
 from chat.models import Conversation, Message
 from chat.privacy import conversations_purge_expired
 from chat.services import conversation_create
-from chat.tasks import purge_expired_conversations
+from chat.tasks import purge_expired_data
 from governance.audit import audit_record, audit_verify
 from governance.models import AuditEvent, RetentionPolicy
 from tests.factories import user_create
@@ -79,7 +79,7 @@ def test_retention_purge_deletes_only_conversations_idle_past_the_policy() -> No
     assert conversations_purge_expired() == 0, "no policy: everything is kept"
     RetentionPolicy.objects.create(conversation_days=30)
 
-    assert purge_expired_conversations.apply().get() == 1
+    assert purge_expired_data.apply().get() == {"conversations": 1, "documents": 0}
     assert list(Conversation.objects.values_list("pk", flat=True)) == [recent.pk]
     event = AuditEvent.objects.get(action="retention.purged")
     assert event.details["conversations"] == 1 and event.details["retention_days"] == 30
@@ -122,3 +122,28 @@ def test_deleting_a_conversation_with_an_answer_in_flight_gives_its_held_quota_b
     reservation.refresh_from_db()
     assert reservation.status == "released"
     assert audit_verify().intact
+
+
+def test_retention_purge_deletes_knowledge_base_documents_past_their_retention_only() -> None:
+    from chat.models import Document, KnowledgeBase
+
+    kept_kb = KnowledgeBase.objects.create(name="Forever")
+    kb = KnowledgeBase.objects.create(name="Short-lived", retention_days=30)
+    old = Document.objects.create(knowledge_base=kb, filename="old.txt", status="ready")
+    new = Document.objects.create(knowledge_base=kb, filename="new.txt", status="ready")
+    kept = Document.objects.create(knowledge_base=kept_kb, filename="kept.txt", status="ready")
+    long_ago = timezone.now() - dt.timedelta(days=40)
+    Document.objects.filter(pk__in=[old.pk, kept.pk]).update(created_at=long_ago)
+
+    assert purge_expired_data.apply().get() == {"conversations": 0, "documents": 1}
+    assert set(Document.objects.values_list("pk", flat=True)) == {new.pk, kept.pk}
+    event = AuditEvent.objects.get(action="retention.purged", target_type="knowledge_base")
+    assert event.details["documents"] == [old.pk]
+    assert audit_verify().intact
+
+
+def test_a_retention_of_zero_days_is_refused() -> None:
+    from chat.models import KnowledgeBase
+
+    with pytest.raises(ValidationError):
+        KnowledgeBase(name="Bad", retention_days=0).full_clean()
