@@ -201,16 +201,18 @@ def bench_llama_cpp(prompts: list[list[int]], tokens: int) -> list[str]:
 
 
 def _agreement(ours: list[list[int]], reference: list[list[int]]) -> str:
-    same = sum(a == b for a, b in zip(ours, reference, strict=True))
     prefixes = []
+    same = 0
     for a, b in zip(ours, reference, strict=True):
+        a, b = [int(t) for t in a], [int(t) for t in b]
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         prefixes.append(n)
+        same += a == b
     return (
         f"{same} of {len(ours)} greedy answers identical to fp32 generate(); "
-        f"agreeing prefix per prompt (tokens): {prefixes}"
+        f"agreeing prefix per prompt (tokens; the whole answer where identical): {prefixes}"
     )
 
 
