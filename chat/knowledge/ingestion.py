@@ -8,7 +8,6 @@ never half of the new ones, and its document is queued again once its lease has 
 
 import hashlib
 import logging
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +20,7 @@ from django.utils import timezone
 
 from chat.knowledge.chunking import text_chunk
 from chat.knowledge.parsing import DocumentRejected, document_parse, document_type_of
+from chat.leases import HeartbeatLease
 from chat.models import Chunk, Document, KnowledgeBase
 from governance.audit import audit_record
 from models_admin.embeddings import embed_texts
@@ -216,33 +216,6 @@ def documents_requeue_stale() -> int:
     return requeued
 
 
-class _Lease:
-    """ "This document is being ingested", renewed by a heartbeat while the worker lives."""
-
-    def __init__(self, document_id: int):
-        self.key = ingest_lease_key(document_id)
-        self.ttl = settings.KNOWLEDGE_INGEST_LEASE_SECONDS
-        self.held = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.ttl / 4):
-            cache.set(self.key, 1, timeout=self.ttl)
-
-    def __enter__(self) -> "_Lease":
-        self.held = cache.add(self.key, 1, timeout=self.ttl)
-        if self.held:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            self._done.set()
-            self._thread.join()
-            cache.delete(self.key)
-
-
 def _mine(document_id: int, generation: int) -> bool:
     return Document.objects.filter(
         pk=document_id, generation=generation, status__in=_IN_FLIGHT
@@ -268,7 +241,9 @@ def _fail(document_id: int, generation: int, reason: str) -> None:
 
 def document_ingest(*, document_id: int, generation: int) -> None:
     """Parse, chunk, embed and store one generation of a document (the Celery task's body)."""
-    with _Lease(document_id) as lease:
+    with HeartbeatLease(
+        key=ingest_lease_key(document_id), ttl_seconds=settings.KNOWLEDGE_INGEST_LEASE_SECONDS
+    ) as lease:
         if not lease.held:
             logger.info("Document %s is being ingested by another delivery", document_id)
             return

@@ -1,0 +1,35 @@
+"""A Redis lease that says "this work is being done" for as long as its worker process lives.
+
+A heartbeat thread renews it, so long waits (loading a model, a queue for the engine) are
+covered too; when the process dies the key expires, and whoever reaps stale work can tell.
+"""
+
+import threading
+
+from django.core.cache import cache
+
+
+class HeartbeatLease:
+    def __init__(self, *, key: str, ttl_seconds: int):
+        self.key = key
+        self.ttl = ttl_seconds
+        self.held = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.ttl / 4):
+            cache.set(self.key, 1, timeout=self.ttl)
+
+    def __enter__(self) -> "HeartbeatLease":
+        # add() only succeeds when no live worker holds the lease.
+        self.held = cache.add(self.key, 1, timeout=self.ttl)
+        if self.held:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self._done.set()
+            self._thread.join()
+            cache.delete(self.key)
