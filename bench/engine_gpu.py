@@ -4,7 +4,7 @@ Models: a Llama-architecture model of about 1B parameters and SmolLM2-135M's arc
 with random weights (throughput does not depend on the values; every answer is forced to the
 same length by ignoring end-of-sequence). Runs without Django or a database:
 
-    python bench/engine_gpu.py --tokenizer DIR [--streams 32] [--prompt-tokens 512]
+    python bench/engine_gpu.py --tokenizer DIR [--streams 32] [--prompt-tokens 512] [--eager]
 
 DIR holds a tokenizer (the default model's tokenizer files). Prints, per model: sequential
 `generate()` tokens/s, `generate_batch` at N streams, ours at 1 and N streams, our time to first
@@ -219,12 +219,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--models", default=",".join(CONFIGS))
     parser.add_argument(
-        "--compile", action="store_true", help="fuse the decode step with torch.compile"
+        "--eager", action="store_true", help="plain forwards (no torch.compile; ENGINE_COMPILE=0)"
     )
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    if args.compile:
-        os.environ["ENGINE_COMPILE"] = "1"
+    if args.eager:
+        os.environ["ENGINE_COMPILE"] = "0"
 
     bandwidth = copy_bandwidth()
     generator = torch.Generator().manual_seed(0)
@@ -238,7 +238,7 @@ def main() -> None:
     ]
     print(
         f"# engine on GPU: {args.tokens}-token answers, torch {torch.__version__}, "
-        f"decode step compiled: {args.compile}"
+        f"forwards compiled: {not args.eager}"
     )
     print(
         f"# machine: {machine_describe()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)"

@@ -16,10 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models_admin import metrics
 from models_admin.sampling import find_stop, sample_rows
+
+if TYPE_CHECKING:
+    from models_admin.llama import StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +187,10 @@ class Engine:
             max_batch=max_batch,
             max_len=max_len,
             cpu_fp16_weights=cpu_fp16_weights,
-            compile_decode=os.environ.get("ENGINE_COMPILE", "0") == "1",
+            # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
+            compile_steps=self.device.type == "cuda" and os.environ.get("ENGINE_COMPILE") != "0",
         )
+        self.runner.warm_up()
         del hf_model
         self.max_batch = max_batch
         self.max_len = max_len
@@ -348,7 +353,7 @@ class Engine:
                 self._admit(joining)
                 self._retire()
                 if self._active:
-                    self._step()
+                    self._decode()
                     self._retire()
             except Exception as exc:  # the loop must outlive any one bad batch
                 logger.exception("Decoding step failed; failing the sequences in flight")
@@ -361,51 +366,113 @@ class Engine:
                 self._in_flight.set(0)
 
     def _admit(self, joining: list[_Request]) -> None:
-        """Prefill newcomers into free slots, several prompts per forward up to a token budget."""
-        chunk: list[_Request] = []
+        """Prefill newcomers into free slots, several prompts per forward up to a token budget.
+
+        Each chunk's first tokens go out as soon as that chunk is done, and the next chunk is
+        already queued on the device by then, so the device never waits for the host between
+        chunks: with many prompts arriving at once, the median one gets its first token after
+        about half of all the prefill work, not after all of it.
+        """
+        live: list[_Request] = []
         for request in joining:
             request.started_at = time.perf_counter()
             if request.cancel.is_set():
                 request.events.put(_Finish("cancelled"))
-                continue
+            else:
+                live.append(request)
+        chunks: list[list[_Request]] = []
+        chunk: list[_Request] = []
+        for request in live:
             width = max([len(r.prompt_ids) for r in chunk] + [len(request.prompt_ids)])
             if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
-                self._prefill(chunk)
+                chunks.append(chunk)
                 chunk = []
             chunk.append(request)
         if chunk:
-            self._prefill(chunk)
+            chunks.append(chunk)
+        pending: tuple[list[_Request], StepResult] | None = None
+        for chunk in chunks:
+            launched = self._prefill(chunk)
+            if pending is not None:
+                self._emit(*pending)
+            pending = (chunk, launched) if launched is not None else None
+        if pending is not None:
+            self._emit(*pending)
 
-    def _prefill(self, chunk: list[_Request]) -> None:
+    def _prefill(self, chunk: list[_Request]) -> "StepResult | None":
+        """Queue one chunk's prefill; its sequences take the next slots. None if it failed."""
         first_slot = len(self._active)
         slots = list(range(first_slot, first_slot + len(chunk)))
         try:
-            logits = self.runner.prefill(slots=slots, prompts=[r.prompt_ids for r in chunk])
+            result = self.runner.prefill(slots=slots, prompts=[r.prompt_ids for r in chunk])
         except Exception as exc:
             logger.exception("Prefill failed")
             for request in chunk:
                 request.events.put(_Finish("error", EngineError(f"The model failed: {exc}")))
-            return
+            return None
         for request in chunk:
             request.length = len(request.prompt_ids)
             self._active.append(request)
-        self._emit(chunk, logits)
+        return result
 
-    def _step(self) -> None:
-        batch = self._active
-        logits = self.runner.decode(
-            token_ids=[r.last_token for r in batch],
-            positions=[r.length - 1 for r in batch],
+    def _decode(self) -> None:
+        """Decode steps for the sequences in flight, until the batch has to change.
+
+        On a GPU the next step is queued before this one's tokens are read (its input tokens
+        are this step's greedy picks, still on the device), so the host's work per step (handing
+        tokens out, bookkeeping) overlaps the device's. That holds while every sequence is
+        greedy and none can end at this step by its length; after an end-of-sequence the step
+        already queued is read for the others, then the batch changes.
+        """
+        batch = list(self._active)
+        step = self.runner.decode(
+            token_ids=[r.last_token for r in batch], positions=[r.length - 1 for r in batch]
         )
+        while True:
+            ahead = None
+            if self.runner.asynchronous and self._may_run_ahead(batch):
+                ahead = self.runner.decode(token_ids=None, positions=[r.length for r in batch])
+            self._count_step(batch)
+            self._emit(batch, step)
+            if ahead is None:
+                return
+            step = ahead
+            if any(r.produced < 0 for r in batch):
+                self._count_step(batch)
+                self._emit(batch, step)
+                return
+
+    def _may_run_ahead(self, batch: list[_Request]) -> bool:
+        if self._waiting and len(batch) < self.max_batch:
+            return False  # newcomers join at the next step
+        for r in batch:
+            if (
+                r.params.temperature > 0
+                or r.cancel.is_set()
+                or r.produced + 1 >= r.max_new
+                or r.length + 1 >= self.max_len
+            ):
+                return False
+        return True
+
+    def _count_step(self, batch: list[_Request]) -> None:
         self.stats.steps += 1
         self.stats.last_batch = len(batch)
         self._batch_size.observe(len(batch))
-        self._emit(batch, logits)
 
-    def _emit(self, batch: list[_Request], logits: Any) -> None:
-        """Sample one token per row; hand it to its caller; mark sequences that are done."""
-        picks = sample_rows(logits, [r.params for r in batch], [r.generator for r in batch])
+    def _emit(self, batch: list[_Request], result: "StepResult") -> None:
+        """Hand each row's next token to its caller; mark sequences that are done.
+
+        Rows of sequences that ended earlier (a step queued ahead of their end) are skipped.
+        """
+        picks = result.picks()
+        if any(r.params.temperature > 0 for r in batch):
+            picks = sample_rows(
+                result.logits, [r.params for r in batch], [r.generator for r in batch], picks
+            )
         for request, (token, logprob) in zip(batch, picks, strict=True):
+            if request.produced < 0:
+                continue
             if request.cancel.is_set():
                 request.events.put(_Finish("cancelled"))
                 request.produced = -1

@@ -15,11 +15,14 @@ activations): half the memory traffic of fp32, and greedy answers equal to fp32 
 prompts. On CUDA everything is bf16 with scaled-dot-product attention.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
@@ -64,6 +67,34 @@ class _Layer:
     down: _Linear
 
 
+class StepResult:
+    """One forward's outcome: each row's greedy pick and, for sampling, the logits [n, V].
+
+    On a GPU the picks travel to pinned host memory with an asynchronous copy, so that the
+    caller can queue the next forward before it waits for this one (`picks()` waits).
+    `logits` is only valid until the next decode step runs (a captured graph reuses it).
+    """
+
+    def __init__(self, logits: torch.Tensor, picks: torch.Tensor, ready: Any = None):
+        self.logits = logits
+        self._picks = picks  # [2, n] float: token ids (exact below 2**24), log-probabilities
+        self._ready = ready
+
+    def picks(self) -> list[tuple[int, float]]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, logprobs = self._picks.tolist()
+        return [(int(t), float(v)) for t, v in zip(tokens, logprobs, strict=True)]
+
+
+def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's most likely token and its log-probability: ([n] long, [2, n] float)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    tokens = torch.argmax(logp, dim=-1)
+    chosen = logp.gather(1, tokens[:, None])[:, 0]
+    return tokens, torch.stack([tokens.to(chosen.dtype), chosen])
+
+
 class LlamaRunner:
     """Weights, rotary table and slotted KV cache of one model; prefill and batched decode."""
 
@@ -76,7 +107,7 @@ class LlamaRunner:
         max_batch: int,
         max_len: int,
         cpu_fp16_weights: bool = True,
-        compile_decode: bool = False,
+        compile_steps: bool = False,
     ):
         config = hf_model.config
         architectures = set(getattr(config, "architectures", None) or [])
@@ -138,13 +169,19 @@ class LlamaRunner:
         self.sin = (emb.sin() * scaling).to(dtype)
 
         self.use_graphs = device.type == "cuda"
+        self._last_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self.graph_pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        # The decode step as captured: plain, or fused by torch.compile (fewer, larger kernels;
-        # one compilation with symbolic batch and span serves every graph bucket).
+        # The forwards, plain or fused by torch.compile (fewer, larger kernels, and far fewer
+        # launches from Python: an eager prefill of a 1B model spends ~12 ms launching its
+        # kernels on the H100's host). Symbolic shapes: one compilation serves every batch,
+        # prompt length and graph bucket (sizes 1 get their own, made by `warm_up`).
         self.decode_body: Any = self._decode_body
-        if compile_decode:
+        self.prefill_body: Any = self._prefill_body
+        self.compiled = compile_steps
+        if compile_steps:
             self.decode_body = torch.compile(self._decode_body, dynamic=True)
+            self.prefill_body = torch.compile(self._prefill_body, dynamic=True)
         if device.type == "cuda":
             # cuDNN's attention builds a plan per new sequence length (tens of ms each time a
             # prompt of a new length arrives); flash / memory-efficient kernels need none.
@@ -196,26 +233,53 @@ class LlamaRunner:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._norm(h, self.final_norm)).float()
 
-    @torch.inference_mode()
-    def prefill(self, *, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run several prompts into their slots in one forward; logits of each last position.
+    def _to_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        """A host list as a device tensor without waiting for the device's queue.
 
-        Prompts are right-padded to the longest; padded positions are written to the cache
-        but never read (a decode step masks everything past a sequence's own length and
-        overwrites those positions first). Returns [n, V].
+        A plain `torch.tensor(..., device="cuda")` copies from pageable memory, which waits for
+        everything queued before it; from pinned memory the copy just joins the queue.
         """
-        n = len(prompts)
+        tensor = torch.tensor(values)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _result(self, logits: torch.Tensor, picks: torch.Tensor) -> StepResult:
+        if self.device.type != "cuda":
+            return StepResult(logits, picks)
+        host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+        host.copy_(picks, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepResult(logits, host, ready)
+
+    @torch.inference_mode()
+    def prefill(self, *, slots: list[int], prompts: list[list[int]]) -> StepResult:
+        """Run several prompts into their slots in one forward; the outcome at each last position.
+
+        Prompts are right-padded to the longest. Causal attention over the padded batch is
+        exact for every real position (padding only ever follows it), so the flash kernel runs
+        with no mask at all. Padded positions are written to the cache but never read (a
+        decode step masks everything past a sequence's own length and overwrites those
+        positions first). Returns n rows; on a GPU nothing here waits for the device.
+        """
         t = max(len(p) for p in prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts], device=self.device)
-        rows = torch.tensor(slots, device=self.device)
+        ids = self._to_device([p + [0] * (t - len(p)) for p in prompts])
+        rows = self._to_device(slots)
+        # Index of each prompt's last token in the flattened [n * t] rows.
+        last = self._to_device([i * t + len(p) - 1 for i, p in enumerate(prompts)])
+        logits = self.prefill_body(ids, rows, last)
+        _tokens, picks = _greedy(logits)
+        return self._result(logits, picks)
+
+    def _prefill_body(
+        self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts ids [n, t] into cache slots `rows`; logits [n, V] at flat positions `last`."""
+        n, t = ids.shape
         h = self.embed[ids].reshape(n * t, -1)
         cos = self.cos[:t].repeat(n, 1).unsqueeze(1)
         sin = self.sin[:t].repeat(n, 1).unsqueeze(1)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        valid = torch.arange(t, device=self.device)[None, :] < lengths[:, None]
-        mask = (causal[None, :, :] & valid[:, None, :])[:, None]  # [n, 1, t, t]
-        uniform = all(len(p) == t for p in prompts)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -223,56 +287,68 @@ class LlamaRunner:
             v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
             self.k_cache[i][rows, :, :t] = k
             self.v_cache[i][rows, :, :t] = v
-            if uniform:  # no padding: the plain causal kernel (flash attention on a GPU)
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             h = h + layer.o(attn.transpose(1, 2).reshape(n * t, -1))
             h = self._mlp(layer, h)
-        last = torch.arange(n, device=self.device) * t + lengths - 1
         return self._logits(h[last])
 
     def _decode_body(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """The decode step on tensors (so that CUDA can capture it as a graph)."""
+        """The decode step on tensors: logits [B, V] (CUDA captures it as a graph)."""
         b = ids.shape[0]
         h = self.embed[ids]
         cos = self.cos[pos].unsqueeze(1)
         sin = self.sin[pos].unsqueeze(1)
         rows = torch.arange(b, device=self.device)
-        # Slot i may only see its own first pos[i] + 1 cache entries.
-        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        # Slot i may only see its own first pos[i] + 1 cache entries. An additive mask made once
+        # per step (a boolean one is converted again inside every attention call).
+        visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        group = self.n_heads // self.n_kv
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             self.k_cache[i][rows, :, pos] = k
             self.v_cache[i][rows, :, pos] = v
             # Grouped-query attention without expanding the cache: the query heads that share
             # a KV head take the place of the query length (one token each).
-            attn = F.scaled_dot_product_attention(
-                q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim),
-                self.k_cache[i][:b, :, :span],
-                self.v_cache[i][:b, :, :span],
-                attn_mask=mask,
-            )
+            q = q.view(b, self.n_kv, group, self.head_dim)
+            keys = self.k_cache[i][:b, :, :span]
+            values = self.v_cache[i][:b, :, :span]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             h = h + layer.o(attn.reshape(b, -1))
             h = self._mlp(layer, h)
         return self._logits(h)
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether `decode` returns before the device has finished (the caller may run ahead)."""
+        return self.device.type == "cuda"
+
     @torch.inference_mode()
-    def decode(self, *, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One step for the sequences in slots 0..B-1: token i sits at positions[i]. [B, V]"""
-        b = len(token_ids)
+    def decode(self, *, token_ids: list[int] | None, positions: list[int]) -> StepResult:
+        """One step for the sequences in slots 0..B-1: token i sits at positions[i].
+
+        `token_ids=None` feeds each row the greedy pick of the previous decode step, still on
+        the device: the caller can queue step n + 1 before it has read step n (the rows must be
+        the same sequences in the same slots).
+        """
+        b = len(positions)
         span = max(positions) + 1
         if self.device.type == "cuda" and self.use_graphs:
             return self._decode_graphed(token_ids, positions, span)
-        ids = torch.tensor(token_ids, device=self.device)
-        pos = torch.tensor(positions, device=self.device)
-        return self._decode_body(ids, pos, span)[:b]
+        ids = self._last_tokens[:b] if token_ids is None else self._to_device(token_ids)
+        pos = self._to_device(positions)
+        logits = self.decode_body(ids, pos, span)
+        tokens, picks = _greedy(logits)
+        self._last_tokens = tokens
+        return self._result(logits[:b], picks[:, :b])
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     # A decode step is ~10 small kernels per layer; launched one by one from Python, a step of
     # a small model costs more in launches than in arithmetic. Each (batch, span) bucket is
-    # captured once and replayed. Padding rows use free slots and a scratch position (the last
-    # one, which a sequence never writes: it ends when it reaches max_len).
+    # captured once, greedy picks included, and replayed. Padding rows use free slots and a
+    # scratch position (the last one, which a sequence never writes: it ends when it reaches
+    # max_len).
 
     def _bucket(self, value: int, smallest: int, largest: int) -> int:
         size = smallest
@@ -281,9 +357,9 @@ class LlamaRunner:
         return min(size, largest)
 
     def _decode_graphed(
-        self, token_ids: list[int], positions: list[int], span: int
-    ) -> torch.Tensor:
-        b = len(token_ids)
+        self, token_ids: list[int] | None, positions: list[int], span: int
+    ) -> StepResult:
+        b = len(positions)
         batch = self._bucket(b, 1, self.max_batch)
         span_bucket = self._bucket(span, 128, self.max_len)
         graph = self._graphs.get((batch, span_bucket))
@@ -292,10 +368,33 @@ class LlamaRunner:
             self._graphs[(batch, span_bucket)] = graph
         scratch = self.max_len - 1
         pad = batch - b
-        graph.ids.copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
-        graph.pos.copy_(torch.tensor(positions + [scratch] * pad), non_blocking=True)
+        if token_ids is None:
+            graph.ids[:b].copy_(self._last_tokens[:b])
+        else:
+            graph.ids.copy_(self._to_device(token_ids + [0] * pad))
+        graph.pos.copy_(self._to_device(positions + [scratch] * pad))
         graph.graph.replay()
-        return graph.out[:b]
+        self._last_tokens = graph.tokens
+        return self._result(graph.logits[:b], graph.picks[:, :b])
+
+    def warm_up(self) -> None:
+        """Compile and capture ahead of the first request (prefill of 1 and of 2 prompts, the
+        decode step of 1 and of 2 rows). If compilation fails, fall back to the plain forwards.
+        """
+        if self.device.type != "cuda":
+            return
+        prompt = list(range(1, 17))
+        try:
+            for n in (1, 2):
+                self.prefill(slots=list(range(n)), prompts=[prompt] * n).picks()
+                self.decode(token_ids=[1] * n, positions=[len(prompt)] * n).picks()
+        except Exception:
+            if not self.compiled:
+                raise
+            logger.exception("torch.compile failed; serving with the plain forwards")
+            self.compiled = False
+            self.decode_body, self.prefill_body = self._decode_body, self._prefill_body
+            self._graphs.clear()
 
     @torch.inference_mode()
     def slot_move(self, *, source: int, target: int, length: int) -> None:
@@ -319,8 +418,11 @@ class _DecodeGraph:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    runner.decode_body(self.ids, self.pos, span)
+                    _greedy(runner.decode_body(self.ids, self.pos, span))
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-                self.out = runner.decode_body(self.ids, self.pos, span)
+                # Greedy picks in the graph but outside the compiled body: the reductions over
+                # the vocabulary are planned per batch size, which would recompile the body.
+                self.logits = runner.decode_body(self.ids, self.pos, span)
+                self.tokens, self.picks = _greedy(self.logits)

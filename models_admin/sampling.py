@@ -12,24 +12,27 @@ def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
 
 
 def sample_rows(
-    logits: Any, params: "list[SamplingParams]", generators: list[Any]
+    logits: Any,
+    params: "list[SamplingParams]",
+    generators: list[Any],
+    greedy: list[tuple[int, float]],
 ) -> list[tuple[int, float]]:
-    """(token, log-probability under the model) for each row of `logits` [B, V]."""
+    """(token, log-probability under the model) for each row of `logits` [B, V].
+
+    `greedy` holds each row's most likely token and its log-probability, as the forward pass
+    already worked them out; rows with a temperature draw their own token instead.
+    """
     import torch
 
-    logp = torch.log_softmax(logits, dim=-1)
-    greedy = torch.argmax(logp, dim=-1)
-    if all(p.temperature <= 0 for p in params):
-        # One device-to-host transfer for the whole batch (each one is a sync on a GPU).
-        chosen = logp.gather(1, greedy[:, None])[:, 0]
-        tokens, values = torch.stack([greedy.to(chosen.dtype), chosen]).tolist()
-        return [(int(t), float(v)) for t, v in zip(tokens, values, strict=True)]
-    picks: list[int] = []
+    picks: list[tuple[int, float]] = []
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        picks.append(int(greedy[row]) if p.temperature <= 0 else _sample(logits[row], p, generator))
-    picked = torch.tensor(picks, device=logp.device)
-    chosen_list = logp.gather(1, picked[:, None])[:, 0].tolist()
-    return [(t, float(v)) for t, v in zip(picks, chosen_list, strict=True)]
+        if p.temperature <= 0:
+            picks.append(greedy[row])
+            continue
+        token = _sample(logits[row], p, generator)
+        logprob = torch.log_softmax(logits[row], dim=-1)[token]
+        picks.append((token, float(logprob)))
+    return picks
 
 
 def _sample(logits: Any, params: "SamplingParams", generator: Any) -> int:
