@@ -29,6 +29,8 @@ import django  # noqa: E402
 
 django.setup()
 
+from django.conf import settings  # noqa: E402
+
 from chat.knowledge.evaluation import MODES, corpus_ingest  # noqa: E402
 from chat.knowledge.ingestion import document_ingest, document_upload  # noqa: E402
 from chat.knowledge.retrieval import passages_search  # noqa: E402
@@ -109,7 +111,8 @@ def main() -> None:
     print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
     print()
     print(f"ingestion: {DOCUMENTS} documents of ~{WORDS_PER_DOCUMENT} words, chunks of 200 tokens")
-    print("(overlap 40), one process, all-MiniLM-L6-v2 fp32 on the CPU")
+    print("(overlap 40), one process, all-MiniLM-L6-v2 on the CPU")
+    print(f"(EMBEDDING_BACKEND={settings.EMBEDDING_BACKEND})")
     print()
     print("| measure | value |")
     print("| --- | ---: |")

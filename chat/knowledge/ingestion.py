@@ -292,7 +292,8 @@ def _ingest(document_id: int, generation: int) -> None:
     done = len(unique) - len(todo)
     for start in range(0, len(todo), _EMBED_BATCH):
         batch = todo[start : start + _EMBED_BATCH]
-        vectors = embed_texts([pieces[unique[d]].text for d in batch])
+        # Stored passages are exact (fp32), whatever the batch or the chunk length.
+        vectors = embed_texts([pieces[unique[d]].text for d in batch], backend="torch")
         known.update(zip(batch, vectors, strict=True))
         done += len(batch)
         # Progress for the admin; also notices a newer upload or a deletion and stops early.

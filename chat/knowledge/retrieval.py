@@ -23,6 +23,8 @@ EXACT_SCAN_BELOW = 5000
 _EF_SEARCH_START = 40
 _EF_SEARCH_MAX = 1000  # pgvector's upper bound for hnsw.ef_search
 _RRF_K = 60
+# Rows matching the question's words that the full-text half ranks, at most.
+TEXT_CANDIDATES = 1000
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,14 @@ def chunks_nearest(
         "WHERE knowledge_base_id = ANY(%s) ORDER BY distance, id LIMIT %s"
     )
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM chat_chunk WHERE knowledge_base_id = ANY(%s)", [ids])
+        # Only "fewer than exact_scan_below?" matters, so counting stops there. A full count(*)
+        # visited every row under the filter on every query (vector search at 100k chunks: 108
+        # ms p50 with it, 7 ms with this bound).
+        cursor.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM chat_chunk WHERE knowledge_base_id = ANY(%s) "
+            "LIMIT %s) AS eligible",
+            [ids, max(exact_scan_below, limit)],
+        )
         eligible = cursor.fetchone()[0]
         wanted = min(limit, eligible)
         if wanted == 0:
@@ -87,23 +96,38 @@ def chunks_nearest(
 
 
 def chunks_matching(
-    *, query: str, knowledge_base_ids: Sequence[int], limit: int
+    *,
+    query: str,
+    knowledge_base_ids: Sequence[int],
+    limit: int,
+    candidates: int = TEXT_CANDIDATES,
 ) -> list[tuple[int, float]]:
-    """(chunk id, rank) of chunks sharing words with the query (any of them, stemmed, stop
-    words dropped), best ts_rank_cd first."""
+    """(chunk id, rank) of chunks sharing words with the query (stemmed, stop words dropped),
+    best ts_rank_cd first.
+
+    Chunks holding all of the query's words come first; when there are fewer than `limit` of
+    them, chunks holding any of the words are ranked instead. Ranking reads each matching row
+    from the table, and on a large repetitive corpus even an all-words query matches thousands
+    (3,700 rows, 160 ms at 100k chunks), so each query ranks at most `candidates` matching rows.
+    """
     ids = list(knowledge_base_ids)
     if not ids or limit <= 0:
         return []
+    ranked = (
+        "SELECT id, ts_rank_cd(search_vector, q) AS rank FROM ("
+        "SELECT c.id, c.search_vector, q FROM chat_chunk c, {tsquery} q "
+        "WHERE c.knowledge_base_id = ANY(%s) AND c.search_vector @@ q LIMIT %s"
+        ") AS matching ORDER BY rank DESC, id LIMIT %s"
+    )
+    all_words = "plainto_tsquery('english', %s)"
+    any_word = "to_tsquery('english', replace(plainto_tsquery('english', %s)::text, ' & ', ' | '))"
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT c.id, ts_rank_cd(c.search_vector, q) AS rank "
-            "FROM chat_chunk c, "
-            "to_tsquery('english', replace(plainto_tsquery('english', %s)::text, ' & ', ' | ')) q "
-            "WHERE c.knowledge_base_id = ANY(%s) AND c.search_vector @@ q "
-            "ORDER BY rank DESC, c.id LIMIT %s",
-            [query, ids, limit],
-        )
-        return [(int(i), float(r)) for i, r in cursor.fetchall()]
+        cursor.execute(ranked.format(tsquery=all_words), [query, ids, candidates, limit])
+        rows = cursor.fetchall()
+        if len(rows) < limit:
+            cursor.execute(ranked.format(tsquery=any_word), [query, ids, candidates, limit])
+            rows = cursor.fetchall()
+        return [(int(i), float(r)) for i, r in rows]
 
 
 def _fuse(rankings: list[list[int]]) -> dict[int, float]:

@@ -21,8 +21,10 @@ from chat.knowledge.ingestion import (
 )
 from chat.knowledge.retrieval import passages_search
 from chat.models import Chunk, Document
+from genai_site.launcher import worker_command
+from governance.models import AuditEvent
 from tests.chat.knowledge_helpers import documents_wait, knowledge_base_create
-from tests.conftest import TEST_QUEUE, _start_worker, _stop, _wait
+from tests.conftest import BASE_DIR, TEST_QUEUE, _start_worker, _stop, _wait
 from tests.factories import pdf_bytes, user_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -216,17 +218,8 @@ def doomed_worker(subprocess_env) -> Iterator[tuple[subprocess.Popen, str]]:  # 
         _stop(proc)
 
 
-def test_a_worker_killed_mid_ingestion_leaves_no_chunks_and_the_document_is_queued_again(
-    doomed_worker, knowledge_queue, settings
-):
-    proc, doomed_queue = doomed_worker
-    settings.KNOWLEDGE_QUEUE = doomed_queue
-    kb = knowledge_base_create("Killed", chunk_tokens=32, chunk_overlap_tokens=0)
-    text = " ".join(f"Clause {i} sets out rule number {i} for crossings." for i in range(1000))
-    document = document_upload(
-        knowledge_base=kb, filename="long.txt", data=text.encode(), actor=None
-    )
-
+def _kill_mid_embedding(proc, document):  # type: ignore[no-untyped-def]
+    """SIGKILL the ingesting worker once some of the document's chunks are embedded."""
     deadline = time.monotonic() + 120
     while True:
         document.refresh_from_db()
@@ -237,6 +230,19 @@ def test_a_worker_killed_mid_ingestion_leaves_no_chunks_and_the_document_is_queu
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+
+
+def test_a_worker_killed_mid_ingestion_leaves_no_chunks_and_the_document_is_queued_again(
+    doomed_worker, knowledge_queue, settings
+):
+    proc, doomed_queue = doomed_worker
+    settings.KNOWLEDGE_QUEUE = doomed_queue
+    kb = knowledge_base_create("Killed", chunk_tokens=32, chunk_overlap_tokens=0)
+    text = " ".join(f"Clause {i} sets out rule number {i} for crossings." for i in range(1000))
+    document = document_upload(
+        knowledge_base=kb, filename="long.txt", data=text.encode(), actor=None
+    )
+    _kill_mid_embedding(proc, document)
 
     document.refresh_from_db()
     assert document.status == "embedding"
@@ -252,3 +258,52 @@ def test_a_worker_killed_mid_ingestion_leaves_no_chunks_and_the_document_is_queu
     finished = documents_wait(document.pk, timeout=300)[document.pk]
     assert finished.status == "ready"
     assert Chunk.objects.filter(document=document).count() == finished.chunks_total > 300
+
+
+@pytest.fixture
+def beat_worker(subprocess_env, tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """A worker that also runs Celery beat, as the launcher starts it, checking every second."""
+    from tests.conftest import ARTIFACTS
+
+    queue = f"{TEST_QUEUE}-beat"
+    env = {
+        **subprocess_env,
+        "KNOWLEDGE_QUEUE": queue,
+        "KNOWLEDGE_INGEST_LEASE_SECONDS": "3",
+        "KNOWLEDGE_REQUEUE_INTERVAL_SECONDS": "1",
+    }
+    log = ARTIFACTS / "beat-worker.log"
+    ARTIFACTS.mkdir(exist_ok=True)
+    command = [
+        *worker_command(queues=queue, concurrency=2, beat_schedule=tmp_path / "beat-schedule"),
+        "-n",
+        "beat@%h",
+    ]
+    proc = subprocess.Popen(
+        command, env=env, cwd=BASE_DIR, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    _wait(lambda: "ready." in log.read_text(errors="replace"), 90, "beat worker", proc)
+    yield queue
+    _stop(proc)
+
+
+def test_celery_beat_queues_again_a_document_whose_worker_was_killed(
+    doomed_worker, beat_worker, settings
+):
+    proc, doomed_queue = doomed_worker
+    settings.KNOWLEDGE_QUEUE = doomed_queue
+    kb = knowledge_base_create("Reaped", chunk_tokens=32, chunk_overlap_tokens=0)
+    text = " ".join(f"Article {i} names harbour {i} for night crossings." for i in range(1000))
+    document = document_upload(
+        knowledge_base=kb, filename="reaped.txt", data=text.encode(), actor=None
+    )
+    _kill_mid_embedding(proc, document)
+
+    # Nobody calls documents_requeue_stale here: beat does, once the dead worker's lease expires,
+    # and the worker beside beat ingests the new generation.
+    finished = documents_wait(document.pk, timeout=300)[document.pk]
+    assert finished.status == "ready" and finished.generation == 2
+    assert Chunk.objects.filter(document=document).count() == finished.chunks_total > 300
+    assert AuditEvent.objects.filter(
+        action="document.requeued", target_type="document", target_id=str(document.pk)
+    ).exists()
