@@ -18,6 +18,8 @@ from governance.models import (
     BlockedTerm,
     BudgetUsage,
     RetentionPolicy,
+    ReviewItem,
+    ReviewPolicy,
     SafetyHold,
     SafetyPolicy,
     UsageLimit,
@@ -284,4 +286,45 @@ class SafetyHoldAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ReviewPolicy)
+class ReviewPolicyAdmin(admin.ModelAdmin):
+    """Which answers go to a reviewer; edits (audited by the admin site) apply at once."""
+
+    list_display = (
+        "name",
+        "kind",
+        "is_active",
+        "deployment",
+        "priority",
+        "time_limit_minutes",
+        "overdue_action",
+    )
+    list_filter = ("kind", "is_active", "overdue_action")
+    list_editable = ("is_active", "priority")
+    raw_id_fields = ("model_version",)
+
+
+@admin.register(ReviewItem)
+class ReviewItemAdmin(_ReadOnlyAdmin):
+    """Decisions are made at /review/, where they are leased and audited."""
+
+    list_display = (
+        "created_at",
+        "kind",
+        "policy",
+        "target_type",
+        "target_id",
+        "model_version",
+        "status",
+        "delivered",
+        "decided_at",
+    )
+    list_filter = ("status", "kind", "delivered")
+    list_select_related = ("policy", "model_version")
+    exclude = ("user",)  # identity is for those with the identity permission, at /review/
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

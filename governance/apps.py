@@ -8,6 +8,7 @@ class GovernanceConfig(AppConfig):
         from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 
         from governance import signals
+        from models_admin.signals import registry_changed
 
         user_logged_in.connect(signals.audit_user_logged_in, dispatch_uid="governance.audit.login")
         user_logged_out.connect(
@@ -15,4 +16,7 @@ class GovernanceConfig(AppConfig):
         )
         user_login_failed.connect(
             signals.audit_user_login_failed, dispatch_uid="governance.audit.login_failed"
+        )
+        registry_changed.connect(
+            signals.audit_registry_changed, dispatch_uid="governance.audit.registry"
         )

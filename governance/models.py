@@ -424,3 +424,181 @@ class SafetyHold(models.Model):
 
     def __str__(self) -> str:
         return f"{self.direction} hold #{self.pk} by {self.filter} ({self.status})"
+
+
+class ReviewPolicy(models.Model):
+    """When an answer goes to a person before (or, for samples and reports, after) the user
+    sees it. Edited in the admin; evaluated on every answer by `review_policy_match`."""
+
+    class Kind(models.TextChoices):
+        SAFETY_HOLD = "safety_hold", "output safety filter said hold"
+        DEPLOYMENT_APPROVAL = "deployment_approval", "deployment requires approval"
+        CANARY_CHECK = "canary_check", "model version being checked"
+        LOW_CONFIDENCE = "low_confidence", "low confidence (mean token log-probability)"
+        SENSITIVE_KNOWLEDGE = "sensitive_knowledge", "answer used a sensitive knowledge base"
+        RANDOM_SAMPLE = "random_sample", "random sample (delivered, reviewed after)"
+        USER_REPORT = "user_report", "a user reported the answer"
+
+    class Overdue(models.TextChoices):
+        STAY_HELD = "stay_held", "stay held (shown as overdue)"
+        RELEASE = "release", "release to the user with a notice"
+        REJECT = "reject", "reject with the policy's message"
+
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=30, choices=Kind.choices)
+    is_active = models.BooleanField(default=True)
+    deployment = models.ForeignKey(
+        "models_admin.Deployment",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="+",
+        help_text="Only answers of this deployment; empty for every deployment.",
+    )
+    model_version = models.ForeignKey(
+        "models_admin.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="+",
+        help_text="For a version check: the version whose answers are held.",
+    )
+    logprob_threshold = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="For low confidence: hold answers whose mean token log-probability is below.",
+    )
+    sample_percent = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0)],
+        help_text="For a random sample: the share of answers reviewed, in percent.",
+    )
+    time_limit_minutes = models.PositiveIntegerField(default=60)
+    overdue_action = models.CharField(
+        max_length=10, choices=Overdue.choices, default=Overdue.STAY_HELD
+    )
+    overdue_message = models.TextField(
+        blank=True,
+        help_text="Shown to the user when an overdue answer is released or rejected.",
+    )
+    priority = models.PositiveIntegerField(
+        default=100, help_text="Lower numbers are checked first; the first policy that holds wins."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["priority", "id"]
+        verbose_name_plural = "review policies"
+        constraints = [
+            models.CheckConstraint(
+                condition=~models.Q(kind="low_confidence")
+                | models.Q(logprob_threshold__isnull=False),
+                name="review_policy_low_confidence_has_threshold",
+                violation_error_message="A low-confidence policy needs a threshold.",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(kind="random_sample")
+                | models.Q(sample_percent__gte=0, sample_percent__lte=100),
+                name="review_policy_sample_percent_in_range",
+                violation_error_message="A random sample needs a percentage from 0 to 100.",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(kind="canary_check") | models.Q(model_version__isnull=False),
+                name="review_policy_canary_check_has_version",
+                violation_error_message="A version check needs the model version to check.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_kind_display()})"
+
+
+class ReviewItem(models.Model):
+    """One piece of work waiting for a person: a held (or sampled, or reported) text.
+
+    Generic by (`target_type`, `target_id`): the app that owns the target registers an adapter
+    (`governance.review_targets`) that renders it and applies the decision. Kept beside
+    `SafetyHold`, which stays the record of what a filter found; an item held by a filter
+    points at it.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        EDITED = "edited"
+        REJECTED = "rejected"
+        RELEASED = "released"  # an overdue item let through by its policy, unreviewed
+
+    policy = models.ForeignKey(ReviewPolicy, on_delete=models.PROTECT, related_name="items")
+    kind = models.CharField(max_length=30, choices=ReviewPolicy.Kind.choices)
+    reason = models.TextField()
+    details = models.JSONField(default=dict, blank=True)
+    target_type = models.CharField(max_length=100)
+    target_id = models.CharField(max_length=100)
+    # Whose text it is; reviewers see it only with `view_review_identity`.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    deployment = models.ForeignKey(
+        "models_admin.Deployment",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    model_version = models.ForeignKey(
+        "models_admin.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    # Ids of chat knowledge bases the answer drew on (governance does not import chat).
+    knowledge_base_ids = ArrayField(models.IntegerField(), default=list, blank=True)
+    safety_hold = models.ForeignKey(
+        SafetyHold, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # True when the user already has the text (samples, reports): review happens after.
+    delivered = models.BooleanField(default=False)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    claimed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    due_at = models.DateTimeField()
+    overdue_applied_at = models.DateTimeField(null=True, blank=True)
+    original_text = models.TextField(blank=True)
+    final_text = models.TextField(blank=True)
+    diff = models.TextField(blank=True)
+    reject_reason = models.TextField(blank=True)
+    user_message = models.TextField(blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [
+            models.Index(fields=["status", "created_at"], name="review_item_queue"),
+            models.Index(fields=["target_type", "target_id"], name="review_item_target"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["target_type", "target_id"],
+                condition=models.Q(status="pending"),
+                name="review_item_one_pending_per_target",
+            ),
+        ]
+        permissions = [
+            ("view_review_identity", "Can see whose conversation a review item is"),
+        ]
+
+    def __str__(self) -> str:
+        return f"review #{self.pk} {self.target_type}:{self.target_id} ({self.status})"
+
+    @property
+    def is_overdue(self) -> bool:
+        return self.status == self.Status.PENDING and self.due_at < timezone.now()

@@ -54,3 +54,18 @@ def audit_user_login_failed(
         details={"username": username},
         ip=request_client_ip(request),
     )
+
+
+def audit_registry_changed(
+    sender: object,
+    actor: User | None,
+    action: str,
+    target_type: str,
+    target_id: object,
+    details: dict[str, Any],
+    **kwargs: Any,
+) -> None:
+    """Stage changes, promotions, rollbacks, weights and evaluations in the model registry."""
+    audit_record(
+        actor=actor, action=action, target_type=target_type, target_id=target_id, details=details
+    )
