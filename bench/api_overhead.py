@@ -1,0 +1,202 @@
+"""What the /v1 API adds to a non-streamed chat completion, against calling the engine directly.
+
+For 1, 10 and 50 concurrent clients: the latency of `POST /v1/chat/completions` (max_tokens=1,
+so the model's own share is one prefill and one token) through the real stack: daphne, API key
+authentication, input safety filters, routing, admission (Redis rate limits, budgets in
+PostgreSQL), audit, the job row, the enqueue through Redis, worker pickup, the engine, output
+filters, settling and the event back through a Redis stream. Then the same prompts, at the same
+concurrency, given straight to an engine in this process (`Engine.generate`). The platform's
+added latency is the difference of the two distributions at each percentile.
+
+    python -m genai_site.launcher run -- python bench/api_overhead.py
+"""
+
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "genai_site.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+import httpx  # noqa: E402
+from django.contrib.auth.models import User  # noqa: E402
+
+from bench.machine import machine_describe  # noqa: E402
+from genai_site.launcher import web_command, worker_command  # noqa: E402
+from governance.api_keys import api_key_create  # noqa: E402
+from governance.models import UsageLimit  # noqa: E402
+from models_admin.engine import SamplingParams, engine_get  # noqa: E402
+from models_admin.importing import model_import_default  # noqa: E402
+from models_admin.models import Deployment  # noqa: E402
+from models_admin.store import artifact_dir  # noqa: E402
+
+ALIAS = "bench-api-overhead"
+QUEUE = f"bench-api-{os.getpid()}"
+LEVELS = [int(c) for c in os.environ.get("BENCH_CLIENTS", "1,10,50").split(",")]
+REQUESTS = {1: 40, 10: 100, 50: 200}
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me two tips for writing clear emails.",
+    "What is a prime number?",
+    "Name three planets in the solar system.",
+    "How do plants make food?",
+]
+VAR = BASE_DIR / "var"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def setup() -> str:
+    version = model_import_default(alias=ALIAS)
+    version.temperature = 0.0
+    version.save()
+    # Caches off: every request must reach the engine, or the comparison would be unfair.
+    Deployment.objects.filter(alias=ALIAS).update(
+        queue=QUEUE, primary_version=version, exact_cache_enabled=False
+    )
+    user, _ = User.objects.get_or_create(username="bench-api")
+    UsageLimit.objects.filter(user=user).delete()
+    UsageLimit.objects.create(user=user, tokens_per_day=100_000_000)
+    _, raw = api_key_create(user=user, name="bench", scopes=["chat"], actor=None)
+    return raw
+
+
+def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ignore[no-untyped-def, type-arg]
+    deadline = time.monotonic() + 120
+    while not predicate():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"{what} did not start; see var/bench-*.log")
+        time.sleep(0.2)
+
+
+async def api_run(base: str, key: str, clients: int, total: int) -> list[float]:
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300, limits=limits
+    ) as client:
+
+        async def one_client() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                body = {
+                    "model": ALIAS,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": 1,
+                }
+                started = time.perf_counter()
+                response = await client.post("/v1/chat/completions", json=body)
+                latencies.append((time.perf_counter() - started) * 1000)
+                assert response.status_code == 200, response.text
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return latencies
+
+
+def engine_run(engine, version, clients: int, total: int) -> list[float]:  # type: ignore[no-untyped-def]
+    params = SamplingParams(max_tokens=1, temperature=0.0, top_p=version.top_p)
+    prompts = [
+        engine.encode_chat(
+            [
+                {"role": "system", "content": version.system_prompt},
+                {"role": "user", "content": PROMPTS[i % len(PROMPTS)]},
+            ]
+        )
+        for i in range(total)
+    ]
+
+    def one(ids: list[int]) -> float:
+        started = time.perf_counter()
+        engine.generate(ids, params)
+        return (time.perf_counter() - started) * 1000
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return list(pool.map(one, prompts))
+
+
+def main() -> None:
+    key = setup()
+    version = Deployment.objects.get(alias=ALIAS).primary_version
+    port = 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker_log = VAR / "bench-api-worker.log"
+    worker = subprocess.Popen(
+        [*worker_command(queues=QUEUE, concurrency=8), "-n", f"bench-api@{platform.node()}"],
+        cwd=BASE_DIR,
+        stdout=worker_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    web = subprocess.Popen(
+        web_command("127.0.0.1", port),
+        cwd=BASE_DIR,
+        stdout=(VAR / "bench-api-web.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    api: dict[int, list[float]] = {}
+    try:
+        _wait_for(lambda: "ready." in worker_log.read_text(errors="replace"), "worker", worker)
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        _wait_for(listening, "daphne", web)
+        base = f"http://127.0.0.1:{port}"
+        asyncio.run(api_run(base, key, 2, 10))  # warm-up: the worker loads the model
+        for clients in LEVELS:
+            api[clients] = asyncio.run(api_run(base, key, clients, REQUESTS.get(clients, 100)))
+    finally:
+        for proc in (web, worker):
+            proc.terminate()
+            proc.wait(timeout=30)
+    engine = engine_get(
+        directory=artifact_dir(version.artifact_path),
+        sha256=version.sha256,
+        context_window=version.context_window,
+    )
+    engine_run(engine, version, 2, 10)  # warm-up
+    direct = {c: engine_run(engine, version, c, REQUESTS.get(c, 100)) for c in LEVELS}
+
+    print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
+    print(f"# machine: {machine_describe()}")
+    print("# model: SmolLM2-135M-Instruct; worker: 8 threads; web: one daphne process")
+    print()
+    print(
+        "| clients | requests | API median | API p95 | API p99 | engine median | engine p95 "
+        "| engine p99 | added median | added p95 | added p99 |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in LEVELS:
+        a, e = api[c], direct[c]
+        row = [percentile(a, q) for q in (0.5, 0.95, 0.99)]
+        eng = [percentile(e, q) for q in (0.5, 0.95, 0.99)]
+        added = [x - y for x, y in zip(row, eng, strict=True)]
+        cells = " | ".join(f"{v:.1f}" for v in (*row, *eng, *added))
+        print(f"| {c} | {len(a)} | {cells} |")
+    print()
+    print("All figures in milliseconds. 'added' = API percentile minus engine percentile.")
+    print(f"mean API latency at 1 client: {statistics.mean(api[LEVELS[0]]):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

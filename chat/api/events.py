@@ -1,0 +1,57 @@
+"""A job's progress as a Redis stream: the worker appends, any web process reads from the start.
+
+A stream rather than a channel-layer group: a reader that subscribes late (the program asked for
+`/v1/jobs/{id}/events` after the job started, or the web process created the job a moment before
+it began to listen) still reads every event, in order. Entries expire with the stream.
+"""
+
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+_STREAM_TTL_SECONDS = 3600
+_sync_client: redis.Redis | None = None
+
+
+def _key(public_id: str) -> str:
+    return f"genai:job:{public_id}:events"
+
+
+def _client() -> redis.Redis:
+    global _sync_client
+    if _sync_client is None:
+        _sync_client = redis.Redis.from_url(settings.REDIS_URL)
+    return _sync_client
+
+
+def job_event_publish(public_id: str, event: dict[str, Any]) -> None:
+    client = _client()
+    key = _key(public_id)
+    pipe = client.pipeline()
+    pipe.xadd(key, {"e": json.dumps(event)})
+    pipe.expire(key, _STREAM_TTL_SECONDS)
+    pipe.execute()
+
+
+async def job_events_read(
+    public_id: str, *, block_ms: int = 1000
+) -> AsyncGenerator[dict[str, Any] | None, None]:
+    """Every event of the job from the first; None after each `block_ms` without one, so the
+    caller can look at the job's row (the stream may have expired) or give up."""
+    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    last = "0"
+    try:
+        while True:
+            found = await client.xread({_key(public_id): last}, block=block_ms, count=100)
+            if not found:
+                yield None
+                continue
+            for entry_id, fields in found[0][1]:
+                last = entry_id
+                yield json.loads(fields[b"e"])
+    finally:
+        await client.aclose()

@@ -1,0 +1,91 @@
+"""API jobs in the review queue: a held job waits for a reviewer like a held chat answer.
+
+The job's output was held by a safety filter; the queue item points at it by its public id.
+A decision completes the job (approved or edited text) or fails it with the reviewer's message
+for the user, and the job's event stream tells a waiting program at once.
+"""
+
+from functools import partial
+from typing import Any
+
+from django.db import transaction
+
+from chat.api.events import job_event_publish
+from chat.models import Job
+from governance.models import ReviewItem, ReviewPolicy, SafetyHold
+from governance.review_policies import review_policy_for_event
+from governance.review_queue import review_item_create
+from governance.review_targets import ReviewContext
+
+TARGET = "job"
+
+
+def job_review_queue(
+    *, job: Job, text: str, deployment_id: int | None, safety_hold: SafetyHold
+) -> ReviewItem:
+    """Queue a held job's answer; call inside the transaction that settles the job."""
+    return review_item_create(
+        policy=review_policy_for_event(
+            kind=ReviewPolicy.Kind.SAFETY_HOLD, deployment_id=deployment_id
+        ),
+        reason=f"safety filter '{safety_hold.filter}': {safety_hold.reason}",
+        target_type=TARGET,
+        target_id=job.public_id,
+        original_text=text,
+        user_id=job.user_id,
+        deployment_id=deployment_id,
+        model_version_id=job.model_version_id,
+        safety_hold=safety_hold,
+    )
+
+
+class JobReviewTarget:
+    """Renders a job for the reviewer: the program's messages, then the held answer."""
+
+    def render_context(self, item: ReviewItem) -> ReviewContext:
+        job = Job.objects.select_related("user").filter(public_id=item.target_id).first()
+        if job is None:
+            return ReviewContext(text=item.original_text)
+        history = [
+            (str(m.get("role", "")), str(m.get("content", "")))
+            for m in job.request.get("messages", [])
+        ]
+        return ReviewContext(
+            history=history,
+            text=item.original_text,
+            owner=job.user,
+            extra={"job_id": job.public_id},
+        )
+
+
+def job_review_decision_apply(sender: object, item: ReviewItem, **kwargs: Any) -> None:
+    """Receiver of `review_decided` for jobs: complete or fail the held job, and say so."""
+    if item.target_type != TARGET:
+        return
+    job = (
+        Job.objects.select_for_update()
+        .filter(public_id=item.target_id, status=Job.Status.HELD_FOR_REVIEW)
+        .first()
+    )
+    if job is None:
+        return
+    Status = ReviewItem.Status
+    if item.status == Status.REJECTED:
+        job.status, job.content, job.finish_reason = Job.Status.FAILED, "", "content_filter"
+        job.error = item.user_message or "The answer was rejected by a reviewer."
+        job.error_code = "rejected_by_review"
+    elif item.status == Status.EDITED:
+        job.status, job.content, job.finish_reason = Job.Status.COMPLETED, item.final_text, "stop"
+        job.error = "Edited by a reviewer."
+    elif item.status in (Status.APPROVED, Status.RELEASED):
+        job.status, job.finish_reason, job.error = Job.Status.COMPLETED, "stop", ""
+    else:
+        return
+    job.save(update_fields=["status", "content", "finish_reason", "error", "error_code"])
+    event: dict[str, Any] = {"type": "end", "status": str(job.status)}
+    event.update(
+        {"finish_reason": job.finish_reason}
+        if job.status == Job.Status.COMPLETED
+        else {"error": job.error, "code": job.error_code}
+    )
+    transaction.on_commit(partial(job_event_publish, job.public_id, event))

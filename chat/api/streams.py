@@ -1,0 +1,107 @@
+"""Reading a job's progress in the web process (async): waiting for it, relaying it as SSE."""
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from chat.api.events import job_events_read
+from chat.api.presenters import chunk_body, job_body, job_error, sse, usage_body
+from chat.api.services import job_cancel
+from chat.models import Job
+from governance.models import ApiKey
+
+logger = logging.getLogger(__name__)
+
+
+async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
+    """The job's events up to and including its end. A job that already ended, or whose
+    stream expired, ends from its row."""
+    if job.is_final:
+        yield {"type": "end", "status": job.status}
+        return
+    async with aclosing(job_events_read(job.public_id)) as events:
+        async for event in events:
+            if event is None:
+                status = (
+                    await Job.objects.filter(pk=job.pk).values_list("status", flat=True).afirst()
+                )
+                if status is None or status in (
+                    Job.Status.HELD_FOR_REVIEW,
+                    Job.Status.COMPLETED,
+                    Job.Status.FAILED,
+                    Job.Status.CANCELLED,
+                ):
+                    yield {"type": "end", "status": status}
+                    return
+                continue
+            yield event
+            if event.get("type") == "end":
+                return
+
+
+async def job_wait(job: Job) -> Job:
+    """The job once it has ended, or as it is after API_WAIT_SECONDS."""
+
+    async def until_end() -> None:
+        async with aclosing(job_progress(job)) as progress:
+            async for event in progress:
+                if event["type"] == "end":
+                    return
+
+    try:
+        await asyncio.wait_for(until_end(), timeout=settings.API_WAIT_SECONDS)
+    except TimeoutError:
+        pass
+    return await Job.objects.aget(pk=job.pk)
+
+
+async def completion_chunks(
+    job: Job, *, api_key: ApiKey, include_usage: bool
+) -> AsyncIterator[str]:
+    """A chat completion as OpenAI's stream: chunks, then `data: [DONE]`. A held answer ends
+    with `finish_reason: "held_for_review"` and the job's id in `job_id`. A reader that goes
+    away cancels the job."""
+    ended = False
+    try:
+        yield sse(chunk_body(job, {"role": "assistant", "content": ""}))
+        async with aclosing(job_progress(job)) as progress:
+            async for event in progress:
+                if event["type"] == "delta":
+                    yield sse(chunk_body(job, {"content": event["text"]}))
+        ended = True
+        final = await Job.objects.aget(pk=job.pk)
+        if final.status == Job.Status.FAILED:
+            yield sse(job_error(final).body())
+        else:
+            extra = (
+                {"job_id": final.public_id} if final.status == Job.Status.HELD_FOR_REVIEW else {}
+            )
+            reason = final.finish_reason or (
+                "held_for_review" if final.status == Job.Status.HELD_FOR_REVIEW else "stop"
+            )
+            yield sse(chunk_body(final, {}, reason, **extra))
+            if include_usage:
+                yield sse({**chunk_body(final, {}), "choices": [], "usage": usage_body(final)})
+        yield sse("[DONE]")
+    finally:
+        if not ended:
+            try:
+                await sync_to_async(job_cancel)(api_key=api_key, public_id=job.public_id)
+            except Exception:
+                logger.exception("Could not cancel job %s after its reader left", job.public_id)
+
+
+async def job_event_stream(job: Job) -> AsyncIterator[str]:
+    """`/v1/jobs/{id}/events`: each event as `event: <type>`; the last one carries the job."""
+    async with aclosing(job_progress(job)) as progress:
+        async for event in progress:
+            if event["type"] == "end":
+                break
+            yield sse(event, event=event["type"])
+    final = await Job.objects.aget(pk=job.pk)
+    yield sse({"type": "end", "job": job_body(final)}, event="end")

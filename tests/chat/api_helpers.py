@@ -1,0 +1,49 @@
+"""Keys and clients for the /v1 API tests."""
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import openai
+
+from governance.api_keys import api_key_create
+from tests.factories import user_create
+
+
+def key_for(
+    username: str | None = None,
+    *,
+    scopes: tuple[str, ...] = ("chat", "embeddings", "models"),
+    requests_per_minute: int | None = None,
+) -> str:
+    user = user_create(username=username)
+    _, raw = api_key_create(
+        user=user,
+        name="tests",
+        scopes=scopes,
+        requests_per_minute=requests_per_minute,
+        actor=user,
+    )
+    return raw
+
+
+def sdk(server: str, raw_key: str) -> openai.OpenAI:
+    # No retries: a 429 must reach the test as the SDK's error, not be retried away.
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=raw_key, max_retries=0, timeout=120)
+
+
+def http(server: str, raw_key: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{server}/v1", headers={"Authorization": f"Bearer {raw_key}"}, timeout=120
+    )
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:  # type: ignore[type-arg]
+    """(event name, data) for each Server-Sent Event of a streamed response."""
+    name = "message"
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[len("data: ") :])
+            name = "message"

@@ -1,0 +1,79 @@
+"""A job whose worker dies mid-answer is delivered again (acks_late) and completes once."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from chat.api.services import job_submit
+from chat.models import Job
+from governance.models import ApiKey, AuditEvent, QuotaReservation
+from models_admin.models import Deployment
+from tests.chat.api_helpers import key_for
+from tests.conftest import ARTIFACTS, TEST_QUEUE, _start_worker, _stop, _wait
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+def _worker(env: dict[str, str], name: str, queue: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    log = ARTIFACTS / f"{name}-worker.log"
+    proc = _start_worker(env, name, log, queue)
+    _wait(lambda: "ready." in log.read_text(errors="replace"), 90, f"{name} worker", proc)
+    return proc
+
+
+def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
+    chat_model, subprocess_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    queue = f"{TEST_QUEUE}-redelivery"
+    Deployment.objects.update(queue=queue)
+    chat_model.max_output_tokens = 400
+    chat_model.save()
+    # Short leases and a short visibility timeout, so that the death shows within seconds.
+    env = {
+        **subprocess_env,
+        "CHAT_GENERATION_LEASE_SECONDS": "3",
+        "CELERY_VISIBILITY_TIMEOUT": "8",
+        "CELERY_UNACKED_RESTORE_INTERVAL": "1",
+    }
+    first = _worker(env, "doomed", queue)
+    second = None
+    try:
+        raw = key_for("prog")
+        api_key = ApiKey.objects.get(prefix=raw.split("_")[1])
+        job = job_submit(
+            api_key=api_key,
+            body={
+                "model": "chat-default",
+                "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+                "max_tokens": 400,
+            },
+        )
+        deadline = time.monotonic() + 60
+        while Job.objects.get(pk=job.pk).status != "running":
+            assert time.monotonic() < deadline, "the first worker never started the job"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert Job.objects.get(pk=job.pk).status == "running"
+
+        second = _worker(env, "rescuer", queue)
+        deadline = time.monotonic() + 240
+        while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
+            assert time.monotonic() < deadline, "the redelivered job never finished"
+            time.sleep(0.2)
+    finally:
+        if second is not None:
+            _stop(second)
+        if first.poll() is None:
+            _stop(first)
+
+    assert job.status == "completed" and job.finish_reason in ("stop", "length")
+    assert job.run == 2 and job.content
+    generated = AuditEvent.objects.filter(action="job.generated", target_id=job.public_id)
+    assert generated.count() == 1 and generated.get().details["run"] == 2
+    reservation = QuotaReservation.objects.get(pk=job.reservation_id or 0)
+    assert reservation.status == "settled"
