@@ -1,12 +1,15 @@
+import io
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import Count, QuerySet
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 
+from chat.datasets import DatasetFilters, dataset_export
 from chat.knowledge.ingestion import (
     UploadedFile,
     document_delete,
@@ -14,8 +17,17 @@ from chat.knowledge.ingestion import (
     documents_requeue_stale,
     documents_upload,
 )
-from chat.models import Citation, Conversation, Document, KnowledgeBase, Message
-from governance.audit import audit_record
+from chat.models import (
+    Citation,
+    Conversation,
+    Document,
+    Feedback,
+    KnowledgeBase,
+    Message,
+    ModelVersionReviewStats,
+)
+from governance.audit import audit_record, request_client_ip
+from governance.models import ReviewItem
 
 
 @admin.register(Conversation)
@@ -40,10 +52,127 @@ class CitationInline(admin.TabularInline):
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = ("pk", "conversation", "role", "status", "completion_tokens", "created_at")
-    list_filter = ("role", "status")
+    list_filter = ("role", "status", "model_version")
     list_select_related = ("conversation",)
     raw_id_fields = ("conversation", "reply_to", "reservation", "safety_hold")
     inlines = [CitationInline]
+    actions = ["export_dataset"]
+
+    @admin.action(description="Export reviewed / rated answers as a dataset (JSON lines)")
+    def export_dataset(self, request: HttpRequest, queryset: QuerySet[Message]) -> HttpResponse:
+        out = io.StringIO()
+        dataset_export(
+            out=out,
+            filters=DatasetFilters(),
+            actor=request.user,  # type: ignore[arg-type]
+            message_ids=list(queryset.values_list("pk", flat=True)),
+            ip=request_client_ip(request),
+        )
+        response = HttpResponse(out.getvalue(), content_type="application/x-ndjson")
+        response["Content-Disposition"] = 'attachment; filename="dataset.jsonl"'
+        return response
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(admin.ModelAdmin):
+    list_display = ("message", "rating", "reported", "comment", "updated_at")
+    list_filter = ("rating", "reported")
+    raw_id_fields = ("message", "user")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def _count_per_version(queryset: QuerySet[Any], field: str) -> Coalesce:
+    counts = (
+        queryset.filter(**{field: OuterRef("pk")})
+        .order_by()
+        .values(field)
+        .annotate(n=Count("pk"))
+        .values("n")[:1]
+    )
+    return Coalesce(Subquery(counts), 0)
+
+
+@admin.register(ModelVersionReviewStats)
+class ModelVersionReviewStatsAdmin(admin.ModelAdmin):
+    """Per model version: answers held for review and their outcomes, and users' thumbs."""
+
+    list_display = (
+        "__str__",
+        "stage",
+        "held",
+        "approved",
+        "edited",
+        "rejected",
+        "thumbs_up",
+        "thumbs_down",
+        "thumbs_ratio",
+    )
+    list_select_related = ("model",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        items = ReviewItem.objects.filter(target_type="message")
+        ratings = Feedback.objects.all()
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                n_held=_count_per_version(items.filter(delivered=False), "model_version"),
+                n_approved=_count_per_version(
+                    items.filter(status=ReviewItem.Status.APPROVED), "model_version"
+                ),
+                n_edited=_count_per_version(
+                    items.filter(status=ReviewItem.Status.EDITED), "model_version"
+                ),
+                n_rejected=_count_per_version(
+                    items.filter(status=ReviewItem.Status.REJECTED), "model_version"
+                ),
+                n_up=_count_per_version(ratings.filter(rating=1), "message__model_version"),
+                n_down=_count_per_version(ratings.filter(rating=-1), "message__model_version"),
+            )
+        )
+
+    @admin.display(ordering="n_held")
+    def held(self, obj: Any) -> int:
+        return int(obj.n_held)
+
+    @admin.display(ordering="n_approved")
+    def approved(self, obj: Any) -> int:
+        return int(obj.n_approved)
+
+    @admin.display(ordering="n_edited")
+    def edited(self, obj: Any) -> int:
+        return int(obj.n_edited)
+
+    @admin.display(ordering="n_rejected")
+    def rejected(self, obj: Any) -> int:
+        return int(obj.n_rejected)
+
+    @admin.display(ordering="n_up", description="thumbs up")
+    def thumbs_up(self, obj: Any) -> int:
+        return int(obj.n_up)
+
+    @admin.display(ordering="n_down", description="thumbs down")
+    def thumbs_down(self, obj: Any) -> int:
+        return int(obj.n_down)
+
+    @admin.display(description="thumbs up share")
+    def thumbs_ratio(self, obj: Any) -> str:
+        total = obj.n_up + obj.n_down
+        return f"{obj.n_up / total:.0%}" if total else "-"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 class MultipleFileInput(forms.ClearableFileInput):
@@ -77,6 +206,7 @@ class KnowledgeBaseForm(forms.ModelForm):
             "chunk_tokens",
             "chunk_overlap_tokens",
             "retention_days",
+            "sensitive",
         )
 
 

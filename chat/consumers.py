@@ -10,6 +10,7 @@ from django.db import close_old_connections
 from django.http import Http404
 
 from chat import services
+from chat.feedback import feedback_submit
 from chat.live import conversation_group
 from chat.models import Conversation, Message
 from chat.rendering import MessageView, message_fragment, notice_fragment, quota_fragment
@@ -126,6 +127,34 @@ class ChatConsumer(AsyncWebsocketConsumer):
             names = ", ".join(kb.name for kb in chosen) or "none"
             await self.send(
                 text_data=notice_fragment(f"Knowledge bases in use: {names}.", level="info")
+            )
+        elif action == "tier":
+            tier = await _call(
+                services.conversation_tier_set,
+                user=user,
+                conversation_id=self.conversation_id,
+                tier=payload.get("tier"),
+            )
+            said = f"the {tier} tier" if tier else "the default tier"
+            notice = notice_fragment(f"Answers now come from {said}.", level="info")
+            await self.send(text_data=notice)
+        elif action == "feedback":
+            try:
+                message_id = int(payload.get("message_id", ""))
+            except (TypeError, ValueError):
+                await self.send(text_data=notice_fragment("Which answer? The request named none."))
+                return
+            feedback = await _call(
+                feedback_submit,
+                user=user,
+                message_id=message_id,
+                rating=payload.get("rating", 0),
+                comment=payload.get("comment", ""),
+                report=payload.get("report", False),
+            )
+            thanks = "Reported; a reviewer will look at this answer." if feedback.reported else ""
+            await self.send(
+                text_data=notice_fragment(thanks or "Thank you for the feedback.", level="info")
             )
         else:
             await self.send(text_data=notice_fragment(f"Unknown action '{str(action)[:40]}'."))

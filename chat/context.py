@@ -9,7 +9,7 @@ from django.db.models import Q
 from chat.knowledge.retrieval import Passage, passages_search
 from chat.models import KnowledgeBase, Message
 from chat.selectors import knowledge_bases_for_user
-from models_admin.engine import Engine
+from models_admin.backends import Tokenizing
 from models_admin.models import ModelVersion
 
 # Per-message framing the chat template adds (<|im_start|>role\n ... <|im_end|>\n).
@@ -40,15 +40,17 @@ class BuiltContext:
     # Set when the conversation uses knowledge bases and none holds anything relevant: this is
     # the answer, and the model is not asked (it would have nothing to cite).
     no_match_answer: str | None = None
+    # The same prompt as chat messages, for servers that take messages rather than token ids.
+    messages: list[dict[str, str]] = field(default_factory=list)
 
 
-def context_build(*, answer: Message, version: ModelVersion, engine: Engine) -> list[int]:
+def context_build(*, answer: Message, version: ModelVersion, engine: Tokenizing) -> list[int]:
     """Token ids for `answer`'s prompt: system prompt, then as many recent turns as fit."""
-    return _prompt_ids(answer=answer, version=version, engine=engine, system=version.system_prompt)
+    return _prompt(answer=answer, version=version, engine=engine, system=version.system_prompt)[0]
 
 
 def context_build_grounded(
-    *, answer: Message, version: ModelVersion, engine: Engine
+    *, answer: Message, version: ModelVersion, engine: Tokenizing
 ) -> BuiltContext:
     """The prompt with passages from the conversation's knowledge bases (those its owner may
     still use), numbered for citation, fitted next to the conversation history."""
@@ -58,7 +60,10 @@ def context_build_grounded(
         )
     )
     if not bases or answer.reply_to is None:
-        return BuiltContext(context_build(answer=answer, version=version, engine=engine))
+        ids, messages = _prompt(
+            answer=answer, version=version, engine=engine, system=version.system_prompt
+        )
+        return BuiltContext(ids, messages=messages)
     found = passages_search(
         query=answer.reply_to.content,
         knowledge_base_ids=[kb.pk for kb in bases],
@@ -86,17 +91,17 @@ def context_build_grounded(
     system = "\n\n".join(
         part for part in (version.system_prompt, GROUNDING_INSTRUCTIONS, *blocks) if part
     )
-    ids = _prompt_ids(answer=answer, version=version, engine=engine, system=system)
-    return BuiltContext(ids, picked)
+    ids, messages = _prompt(answer=answer, version=version, engine=engine, system=system)
+    return BuiltContext(ids, picked, messages=messages)
 
 
 def _names(bases: list[KnowledgeBase]) -> str:
     return ", ".join(kb.name for kb in bases)
 
 
-def _prompt_ids(
-    *, answer: Message, version: ModelVersion, engine: Engine, system: str
-) -> list[int]:
+def _prompt(
+    *, answer: Message, version: ModelVersion, engine: Tokenizing, system: str
+) -> tuple[list[int], list[dict[str, str]]]:
     history = (
         Message.objects.filter(_USABLE, conversation_id=answer.conversation_id, id__lt=answer.id)
         .order_by("-created_at", "-id")
@@ -114,4 +119,4 @@ def _prompt_ids(
     messages = [{"role": "system", "content": system}, *reversed(picked)]
     ids = engine.encode_chat(messages)
     # A single message longer than the window: keep its end, where the question usually is.
-    return ids[-limit:] if len(ids) > limit else ids
+    return (ids[-limit:] if len(ids) > limit else ids), messages

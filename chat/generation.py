@@ -5,6 +5,7 @@ Database work happens in short transactions before and after the model call, nev
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 
 from django.conf import settings
@@ -13,11 +14,12 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from chat import live
-from chat.context import context_build_grounded
+from chat.context import BuiltContext, context_build_grounded
 from chat.knowledge.citations import citations_store
 from chat.leases import HeartbeatLease
 from chat.models import Message
 from chat.reply_cache import ReplyCache
+from chat.review import answer_review_match, answer_review_may_hold, answer_review_queue
 from chat.services import answer_fail, lease_key, stop_key
 from governance.audit import audit_record
 from governance.budgets import budget_settle
@@ -27,29 +29,37 @@ from governance.safety.base import Action
 from governance.safety.pipeline import Pipeline, Verdict
 from governance.safety.policy import safety_output_pipeline
 from models_admin import metrics
-from models_admin.engine import EngineError, GenerationResult, SamplingParams, engine_get
-from models_admin.models import Deployment
-from models_admin.store import artifact_dir
+from models_admin.backends import Backend, Prompt
+from models_admin.engine import EngineError, GenerationResult, SamplingParams
+from models_admin.models import Deployment, ModelVersion
+from models_admin.resilience import serve_resilient
+from models_admin.routing import route_targets
+from models_admin.shadow import shadow_request
 
 logger = logging.getLogger(__name__)
 
 
-class _StreamPublisher:
-    """Pushes the answer so far to the page in small batches, through the output filters.
+class StreamPublisher:
+    """Pushes the answer so far to its reader in small batches, through the output filters.
 
     Every batch is checked before it is sent, so no text reaches the page unfiltered. A batch
     the policy redacts is sent redacted; one it blocks or holds is not sent at all: the trip is
     kept, `cancelled` turns true, and the engine stops at its next step.
     """
 
-    def __init__(self, answer: Message, guard: Pipeline):
-        self.answer = answer
+    def __init__(self, guard: Pipeline, send: Callable[[str, int], None], stop: str):
+        # `send(text_so_far, tokens)` delivers a checked batch; `stop` is the cache key whose
+        # presence asks generation to end.
         self.guard = guard
+        self.send = send
+        self.stop = stop
         self.text = ""
         self.tokens = 0
         self.last_flush = 0.0
         self.flushed_text = ""
         self.trip: Verdict | None = None
+        # Off when a review policy may hold the answer: the text is checked, not shown.
+        self.live = True
 
     def on_text(self, delta: str) -> None:
         self.text += delta
@@ -64,7 +74,8 @@ class _StreamPublisher:
         if verdict.stops:
             self.trip = verdict
             return
-        live.live_tokens(self.answer.conversation_id, self.answer.pk, verdict.text, self.tokens)
+        if self.live:
+            self.send(verdict.text, self.tokens)
         self.flushed_text = self.text
         self.last_flush = time.monotonic()
 
@@ -73,7 +84,7 @@ class _StreamPublisher:
         return self.trip if self.trip is not None else self.guard.run(text)
 
     def cancelled(self) -> bool:
-        return self.trip is not None or cache.get(stop_key(self.answer.pk)) is not None
+        return self.trip is not None or cache.get(self.stop) is not None
 
 
 def _claim(message_id: int, attempt: int) -> Message | None:
@@ -99,7 +110,7 @@ def _claim(message_id: int, attempt: int) -> Message | None:
     return None
 
 
-def reply_generate(*, message_id: int, attempt: int) -> None:
+def reply_generate(*, message_id: int, attempt: int, deployment_id: int | None = None) -> None:
     # The lease is taken before the claim, so no reaper ever sees a claimed turn without one.
     with HeartbeatLease(
         key=lease_key(message_id), ttl_seconds=settings.CHAT_GENERATION_LEASE_SECONDS
@@ -111,64 +122,103 @@ def reply_generate(*, message_id: int, attempt: int) -> None:
         if answer is None:
             logger.info("Answer %s attempt %s is not ours to generate", message_id, attempt)
             return
-        _generate(answer, attempt)
+        _generate(answer, attempt, deployment_id)
     cache.delete(stop_key(message_id))
 
 
-def _generate(answer: Message, attempt: int) -> None:
+def _deployment(answer: Message, deployment_id: int | None) -> Deployment | None:
+    deployments = Deployment.objects.select_related("shadow_version")
+    deployment = deployments.filter(pk=deployment_id).first() if deployment_id else None
+    # Tasks queued before routing named the deployment carry no id: the alias still does.
+    return deployment or deployments.filter(alias=answer.conversation.model_alias).first()
+
+
+def _is_canary(deployment: Deployment | None, version: ModelVersion | None) -> bool | None:
+    """Whether the answer came from the deployment's canary version (None: no deployment)."""
+    if deployment is None or version is None:
+        return None
+    return deployment.canary_version_id is not None and deployment.canary_version_id == version.pk
+
+
+def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -> None:
     message_id = answer.pk
     transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))
-    version = answer.model_version
+    chosen = answer.model_version
+    version = chosen
+    built = BuiltContext([])
     try:
-        deployment = Deployment.objects.filter(alias=answer.conversation.model_alias).first()
+        deployment = _deployment(answer, deployment_id)
         deployment_id = deployment.pk if deployment is not None else None
-        publisher = _StreamPublisher(answer, safety_output_pipeline(deployment_id=deployment_id))
-        if version is None:
-            raise EngineError("The answer has no model version.")
-        engine = engine_get(
-            directory=artifact_dir(version.artifact_path),
-            sha256=version.sha256,
-            context_window=version.context_window,
+        publisher = StreamPublisher(
+            safety_output_pipeline(deployment_id=deployment_id),
+            partial(live.live_tokens, answer.conversation_id, answer.pk),
+            stop_key(answer.pk),
         )
-        built = context_build_grounded(answer=answer, version=version, engine=engine)
-        if built.no_match_answer is not None:
-            result = GenerationResult(
-                text=built.no_match_answer,
-                prompt_tokens=0,
-                completion_tokens=0,
-                finish_reason="no_match",
-                time_to_first_token_s=0.0,
-                tokens_per_second=0.0,
+        if chosen is None:
+            raise EngineError("The answer has no model version.")
+        targets = route_targets(deployment=deployment, version=chosen) if deployment else [chosen]
+
+        def run(
+            target: ModelVersion,
+            backend: Backend,
+            on_text: Callable[[str], None],
+            cancelled: Callable[[], bool],
+        ) -> GenerationResult:
+            nonlocal built
+            built = context_build_grounded(answer=answer, version=target, engine=backend)
+            publisher.live = not answer_review_may_hold(
+                deployment_id=deployment_id,
+                model_version_id=target.pk,
+                passages=built.passages,
+                canary=_is_canary(deployment, target),
             )
-        else:
+            if built.no_match_answer is not None:
+                return GenerationResult(
+                    text=built.no_match_answer,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    finish_reason="no_match",
+                    time_to_first_token_s=0.0,
+                    tokens_per_second=0.0,
+                )
             params = SamplingParams(
-                max_tokens=version.max_output_tokens,
-                temperature=version.temperature,
-                top_p=version.top_p,
+                max_tokens=target.max_output_tokens,
+                temperature=target.temperature,
+                top_p=target.top_p,
             )
-            cache = ReplyCache.for_turn(
+            reply_cache = ReplyCache.for_turn(
                 answer=answer,
-                version=version,
+                version=target,
                 deployment=deployment,
-                engine=engine,
+                engine=backend,
                 prompt_ids=built.prompt_ids,
                 params=params,
             )
             # No connection is held while the model runs.
             close_old_connections()
-            cached = cache.lookup(built.prompt_ids)
+            cached = reply_cache.lookup(built.prompt_ids)
             if cached is not None:
                 result, text = cached
-                publisher.on_text(text)
-            else:
-                result = engine.generate(
-                    built.prompt_ids,
-                    params,
-                    on_text=publisher.on_text,
-                    cancelled=publisher.cancelled,
-                )
-                cache.store(result)
-            publisher.flush()
+                on_text(text)
+                return result
+            result = backend.generate(
+                Prompt(ids=built.prompt_ids, messages=built.messages),
+                params,
+                on_text=on_text,
+                cancelled=cancelled,
+            )
+            reply_cache.store(result)
+            return result
+
+        served = serve_resilient(
+            targets=targets,
+            run=run,
+            on_text=publisher.on_text,
+            cancelled=publisher.cancelled,
+            hedge_after_ms=deployment.hedge_after_ms if deployment else None,
+        )
+        result, version = served.result, served.version
+        publisher.flush()
     except Exception as exc:
         logger.exception("Generation of answer %s failed", message_id)
         metrics.generation_observe(
@@ -196,6 +246,18 @@ def _generate(answer: Message, attempt: int) -> None:
         status = Message.Status.STOPPED
     else:
         status = Message.Status.COMPLETE
+    # Human review: governance says which policy, if any, holds (or samples) this answer.
+    review = None
+    if status == Message.Status.COMPLETE:
+        review = answer_review_match(
+            deployment_id=deployment_id,
+            model_version_id=version.pk if version is not None else None,
+            mean_logprob=result.mean_logprob,
+            passages=built.passages,
+            canary=_is_canary(deployment, version),
+        )
+        if review is not None and not review.deliver_now:
+            status, error = Message.Status.HELD, f"Held for review: {review.reason}."
     # The figures saved on the message below are these same measurements.
     metrics.generation_observe(
         deployment=answer.conversation.model_alias,
@@ -219,11 +281,13 @@ def _generate(answer: Message, attempt: int) -> None:
             time_to_first_token_ms=result.time_to_first_token_s * 1000,
             tokens_per_second=result.tokens_per_second,
             finished_at=timezone.now(),
+            # The version that answered: a fallback's, when the routed one could not.
+            model_version=version,
         )
         if not won:
             return
-        hold_id = None
-        if status == Message.Status.HELD:
+        hold_id, hold = None, None
+        if verdict.action == Action.HOLD:
             hold = safety_hold_create(
                 verdict=verdict,
                 direction=SafetyHold.Direction.OUTPUT,
@@ -234,6 +298,17 @@ def _generate(answer: Message, attempt: int) -> None:
             )
             Message.objects.filter(pk=message_id).update(safety_hold=hold)
             hold_id = hold.pk
+        review_item_id = None
+        if status == Message.Status.HELD or review is not None:
+            review_item_id = answer_review_queue(
+                answer=answer,
+                text=content,
+                deployment_id=deployment_id,
+                match=review,
+                safety_hold=hold,
+                passages=built.passages,
+                mean_logprob=result.mean_logprob,
+            ).pk
         citations_store(message_id=message_id, passages=built.passages)
         cost = None
         if answer.reservation_id:
@@ -250,6 +325,8 @@ def _generate(answer: Message, attempt: int) -> None:
             target_id=message_id,
             details={
                 "model_version": str(version),
+                **({"routed_to": str(chosen)} if version != chosen else {}),
+                **({"targets": served.attempts} if len(served.attempts) > 1 else {}),
                 "attempt": attempt,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
@@ -257,8 +334,19 @@ def _generate(answer: Message, attempt: int) -> None:
                 "cache": result.cache or None,
                 **({"safety": verdict.summary()} if verdict.trips else {}),
                 **({"hold": hold_id} if hold_id else {}),
+                **({"review_item": review_item_id} if review_item_id else {}),
                 "cited_chunks": [p.chunk_id for p in built.passages],
                 "cost": str(cost) if cost is not None else None,
             },
         )
+        if deployment is not None and status == Message.Status.COMPLETE and not result.cache:
+            shadow_request(
+                deployment=deployment,
+                request_ref=f"message:{message_id}",
+                messages=built.messages,
+                primary_version=version,
+                primary_answer=content,
+                primary_latency_ms=served.latency_s * 1000,
+                primary_ttft_ms=result.time_to_first_token_s * 1000,
+            )
         transaction.on_commit(partial(live.live_message_changed, answer.conversation_id, answer.pk))

@@ -15,6 +15,8 @@ class Conversation(models.Model):
     )
     title = models.CharField(max_length=200, blank=True)
     model_alias = models.CharField(max_length=100)
+    # A tier the user chose ("large"); the deployment's tier rules may route on it.
+    tier = models.CharField(max_length=50, blank=True)
     knowledge_bases = models.ManyToManyField(
         "chat.KnowledgeBase", blank=True, related_name="conversations"
     )
@@ -140,6 +142,11 @@ class KnowledgeBase(models.Model):
         blank=True,
         help_text="Delete documents this many days after they were uploaded. "
         "Leave empty to keep them until an operator deletes them.",
+    )
+    sensitive = models.BooleanField(
+        default=False,
+        help_text="Answers that draw on this knowledge base go to a reviewer first "
+        "(when a 'sensitive knowledge base' review policy is active).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -274,3 +281,102 @@ class Citation(models.Model):
 
     def __str__(self) -> str:
         return f"[{self.number}] {self.document_name}"
+
+
+class Feedback(models.Model):
+    """A user's thumbs up or down on an answer, with an optional comment; `reported` sends the
+    answer to the review queue."""
+
+    class Rating(models.IntegerChoices):
+        DOWN = -1, "thumbs down"
+        NONE = 0, "no rating"
+        UP = 1, "thumbs up"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    rating = models.SmallIntegerField(choices=Rating.choices, default=Rating.NONE)
+    comment = models.TextField(blank=True)
+    reported = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "user"], name="feedback_one_per_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"feedback on #{self.message_id}: {self.rating:+d}"
+
+
+class ModelVersionReviewStats(ModelVersion):
+    """The registry's versions seen from chat, for the admin's per-version review counts
+    (models_admin may not import chat, so the counts live here)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "review counts per model version"
+        verbose_name_plural = "review counts per model version"
+
+
+class Job(models.Model):
+    """One request to the /v1 API's chat completions (streamed, waited for, or asynchronous).
+
+    The request as the program sent it (after the input filters), its state, the answer and its
+    usage. A worker claims it by a conditional UPDATE that bumps `run`, and settles it only if
+    `run` is still its own, so a redelivered task completes the job exactly once.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        HELD_FOR_REVIEW = "held_for_review"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    public_id = models.CharField(max_length=40, unique=True, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey(
+        "governance.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    model_alias = models.CharField(max_length=100)
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # {"messages": [...], "max_tokens": n, "temperature": t, "top_p": p, "stop": [...], ...}
+    request = models.JSONField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED)
+    run = models.PositiveIntegerField(default=0)
+    content = models.TextField(blank=True)
+    finish_reason = models.CharField(max_length=20, blank=True)
+    error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=50, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    reservation = models.ForeignKey(
+        QuotaReservation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    safety_hold = models.ForeignKey(
+        SafetyHold, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["user", "-created_at"])]
+
+    def __str__(self) -> str:
+        return self.public_id
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in (
+            self.Status.HELD_FOR_REVIEW,
+            self.Status.COMPLETED,
+            self.Status.FAILED,
+            self.Status.CANCELLED,
+        )

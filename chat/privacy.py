@@ -16,7 +16,7 @@ from chat.models import Conversation, Document, KnowledgeBase, Message
 from chat.services import stop_key
 from governance.audit import audit_record
 from governance.budgets import budget_release
-from governance.models import RetentionPolicy
+from governance.models import RetentionPolicy, ReviewItem
 
 
 def _delete_conversations(conversations: QuerySet[Conversation]) -> tuple[list[int], int]:
@@ -31,6 +31,10 @@ def _delete_conversations(conversations: QuerySet[Conversation]) -> tuple[list[i
         if reservation_id:
             budget_release(reservation_id=reservation_id)
     message_count = messages.count()
+    # Review items copy the answer's text; they go with the messages they are about.
+    ReviewItem.objects.filter(
+        target_type="message", target_id__in=[str(i) for i in messages.values_list("id", flat=True)]
+    ).delete()
     Conversation.objects.filter(id__in=conversation_ids).delete()
     return conversation_ids, message_count
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from chat.models import Message
 from models_admin import metrics
+from models_admin.backends import Tokenizing
 from models_admin.caches import (
     CachedAnswer,
     exact_cache_get,
@@ -19,7 +20,7 @@ from models_admin.caches import (
     semantic_cache_lookup,
     semantic_cache_store,
 )
-from models_admin.engine import Engine, GenerationResult, SamplingParams
+from models_admin.engine import GenerationResult, SamplingParams
 from models_admin.models import Deployment, ModelVersion
 
 
@@ -39,7 +40,7 @@ class ReplyCache:
         answer: Message,
         version: ModelVersion,
         deployment: Deployment | None,
-        engine: Engine,
+        engine: Tokenizing,
         prompt_ids: list[int],
         params: SamplingParams,
     ) -> "ReplyCache":
@@ -63,6 +64,28 @@ class ReplyCache:
             if single_turn and not grounded:
                 question = answer.reply_to.content
         return cls(deployment, version, exact_key, question, namespace)
+
+    @classmethod
+    def for_request(
+        cls,
+        *,
+        version: ModelVersion,
+        deployment: Deployment | None,
+        engine: Tokenizing,
+        prompt_ids: list[int],
+        params: SamplingParams,
+    ) -> "ReplyCache":
+        """For an API request: the exact cache only. Its messages are the program's own, with
+        no single question whose meaning could stand for the whole request."""
+        exact_key = None
+        if deployment is not None and deployment.exact_cache_enabled:
+            exact_key = exact_cache_key(
+                version_id=version.pk,
+                sha256=version.sha256,
+                prompt_text=str(engine.tokenizer.decode(prompt_ids)),
+                params=params,
+            )
+        return cls(deployment, version, exact_key, None, "")
 
     def _observe(self, cache: str, hit: bool) -> None:
         metrics.cache_observe(

@@ -13,11 +13,17 @@ from django.utils import timezone
 from chat import live
 from chat.models import Conversation, KnowledgeBase, Message
 from chat.selectors import conversation_get, knowledge_bases_for_user, message_get_for_user
+from chat.text import text_unstorable_reason
 from governance.admission import Held, Refusal, turn_admit, turn_screen
 from governance.audit import audit_record
 from governance.budgets import budget_release
-from models_admin.models import Deployment
-from models_admin.routing import DeploymentUnavailable, deployment_resolve
+from models_admin.models import Deployment, ModelVersion
+from models_admin.routing import (
+    DeploymentUnavailable,
+    Route,
+    deployment_tier_choices,
+    route_choose,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,9 @@ def _validated_text(text: object) -> str:
     if not isinstance(text, str) or not text.strip():
         raise TurnRejected("Type a message before sending.")
     text = text.strip()
+    reason = text_unstorable_reason(text)
+    if reason is not None:
+        raise TurnRejected(f"Your message could not be sent: it {reason}.")
     limit = settings.CHAT_MAX_MESSAGE_CHARS
     if len(text) > limit:
         raise TurnRejected(
@@ -72,10 +81,9 @@ def _validated_text(text: object) -> str:
 
 
 def _estimate_reservation(
-    *, conversation: Conversation, text: str, deployment: Deployment
+    *, conversation: Conversation, text: str, version: ModelVersion
 ) -> tuple[int, int]:
     """(prompt tokens, at most; answer tokens, at most) for the turn."""
-    version = deployment.primary_version
     history_chars = sum(
         len(c)
         for c in conversation.messages.filter(status__in=["sent", "complete", "stopped"])
@@ -92,7 +100,23 @@ def _estimate_reservation(
 def _enqueue(answer: Message, deployment: Deployment) -> None:
     from chat.tasks import generate_reply
 
-    generate_reply.apply_async(args=(answer.pk, answer.attempt), queue=deployment.queue)
+    generate_reply.apply_async(
+        args=(answer.pk, answer.attempt, deployment.pk), queue=deployment.queue
+    )
+
+
+def _route(conversation: Conversation, text: str) -> Route:
+    """Where the turn goes (models_admin decides: tiers, canary, archived versions)."""
+    try:
+        return route_choose(
+            alias=conversation.model_alias,
+            conversation_id=conversation.pk,
+            prompt_chars=len(text),
+            uses_retrieval=conversation.knowledge_bases.exists(),
+            user_choice=conversation.tier,
+        )
+    except DeploymentUnavailable as exc:
+        raise TurnRejected(f"The model is not available: {exc}") from exc
 
 
 def _on_commit_notify(conversation_id: int, *message_ids: int, created: bool = False) -> None:
@@ -119,10 +143,8 @@ def turn_submit(
         conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
         if conversation.messages.filter(status__in=["pending", "streaming"]).exists():
             raise TurnRejected("Wait for the current answer to finish, or stop it first.")
-        try:
-            deployment = deployment_resolve(alias=conversation.model_alias)
-        except DeploymentUnavailable as exc:
-            raise TurnRejected(f"The model is not available: {exc}") from exc
+        route = _route(conversation, clean)
+        deployment = route.deployment
         verdict = turn_screen(text=clean, deployment_id=deployment.pk)
         question = Message.objects.create(
             conversation=conversation,
@@ -131,13 +153,13 @@ def turn_submit(
             content=verdict.text,
         )
         input_tokens, output_tokens = _estimate_reservation(
-            conversation=conversation, text=verdict.text, deployment=deployment
+            conversation=conversation, text=verdict.text, version=route.version
         )
         admission = turn_admit(
             user=user,
             input_tokens=input_tokens,
             max_output_tokens=output_tokens,
-            model_version=deployment.primary_version,
+            model_version=route.version,
             target_type="message",
             target_id=question.pk,
             ip=ip,
@@ -162,7 +184,7 @@ def turn_submit(
             status=Message.Status.PENDING,
             reply_to=question,
             attempt=1,
-            model_version=deployment.primary_version,
+            model_version=route.version,
             reservation=admission,
         )
         _on_commit_notify(conversation.pk, question.pk, answer.pk, created=True)
@@ -199,19 +221,17 @@ def turn_retry(*, user: User, message_id: int, ip: str | None = None) -> TurnOut
         conversation = Conversation.objects.select_for_update().get(pk=answer.conversation_id)
         if conversation.messages.filter(status__in=["pending", "streaming"]).exists():
             raise TurnRejected("Wait for the current answer to finish, or stop it first.")
-        try:
-            deployment = deployment_resolve(alias=conversation.model_alias)
-        except DeploymentUnavailable as exc:
-            raise TurnRejected(f"The model is not available: {exc}") from exc
         assert answer.reply_to is not None
+        route = _route(conversation, answer.reply_to.content)
+        deployment = route.deployment
         input_tokens, output_tokens = _estimate_reservation(
-            conversation=conversation, text=answer.reply_to.content, deployment=deployment
+            conversation=conversation, text=answer.reply_to.content, version=route.version
         )
         admission = turn_admit(
             user=user,
             input_tokens=input_tokens,
             max_output_tokens=output_tokens,
-            model_version=deployment.primary_version,
+            model_version=route.version,
             target_type="message",
             target_id=answer.pk,
             ip=ip,
@@ -224,7 +244,7 @@ def turn_retry(*, user: User, message_id: int, ip: str | None = None) -> TurnOut
             content="",
             error="",
             reservation=admission,
-            model_version=deployment.primary_version,
+            model_version=route.version,
             finished_at=None,
             prompt_tokens=None,
             completion_tokens=None,
@@ -314,3 +334,24 @@ def conversation_knowledge_bases_set(
             details={"knowledge_bases": [kb.pk for kb in allowed]},
         )
     return allowed
+
+
+def conversation_tier_set(*, user: User, conversation_id: int, tier: object) -> str:
+    """Choose the tier a conversation's turns ask for ("" for the deployment's default)."""
+    chosen = tier.strip() if isinstance(tier, str) else None
+    with transaction.atomic():
+        conversation = conversation_get(user=user, conversation_id=conversation_id)
+        if chosen is None or (
+            chosen and chosen not in deployment_tier_choices(alias=conversation.model_alias)
+        ):
+            raise TurnRejected("That tier is not offered for the model of this conversation.")
+        conversation.tier = chosen
+        conversation.save(update_fields=["tier", "updated_at"])
+        audit_record(
+            actor=user,
+            action="conversation.tier_set",
+            target_type="conversation",
+            target_id=conversation.pk,
+            details={"tier": chosen},
+        )
+    return chosen

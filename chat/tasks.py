@@ -1,18 +1,24 @@
 from celery import shared_task
 
 from chat.generation import reply_generate
-from chat.knowledge.ingestion import document_ingest
+from chat.knowledge.ingestion import document_ingest, documents_requeue_stale
 from chat.privacy import conversations_purge_expired, documents_purge_expired
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate_reply(message_id: int, attempt: int) -> None:
-    reply_generate(message_id=message_id, attempt=attempt)
+def generate_reply(message_id: int, attempt: int, deployment_id: int | None = None) -> None:
+    reply_generate(message_id=message_id, attempt=attempt, deployment_id=deployment_id)
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def ingest_document(document_id: int, generation: int) -> None:
     document_ingest(document_id=document_id, generation=generation)
+
+
+@shared_task(ignore_result=True)
+def requeue_stale_ingestions() -> int:
+    """Celery beat: queue again the documents whose ingesting worker died (lease expired)."""
+    return documents_requeue_stale()
 
 
 @shared_task(ignore_result=True)
@@ -22,3 +28,10 @@ def purge_expired_data() -> dict[str, int]:
         "conversations": conversations_purge_expired(),
         "documents": documents_purge_expired(),
     }
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate_job(job_id: int) -> None:
+    from chat.api.generation import job_generate
+
+    job_generate(job_id=job_id)

@@ -9,6 +9,7 @@ from chat import privacy, selectors, services
 from chat.rendering import MessageView
 from governance.audit import request_client_ip
 from governance.budgets import budget_meters
+from models_admin.routing import deployment_tier_choices
 
 
 class AuthenticatedHttpRequest(HttpRequest):
@@ -51,6 +52,7 @@ def conversation_detail(request: AuthenticatedHttpRequest, conversation_id: int)
             "chosen_knowledge_bases": set(
                 conversation.knowledge_bases.values_list("pk", flat=True)
             ),
+            "tiers": deployment_tier_choices(alias=conversation.model_alias),
             "conversations": selectors.conversation_list(user=request.user)[:100],
             "meters": budget_meters(user=request.user),
         },

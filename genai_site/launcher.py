@@ -2,6 +2,7 @@
 
     python -m genai_site.launcher up          # migrate, import the model, serve web + worker
     python -m genai_site.launcher run -- CMD  # run CMD (e.g. pytest) with the services up
+    python -m genai_site.launcher worker --queues Q1,Q2  # a worker for deployments' queues
 
 PostgreSQL and Redis come from DATABASE_URL / REDIS_URL when set, embedded ones otherwise.
 """
@@ -147,6 +148,18 @@ def run(command: list[str]) -> int:
             return 130
 
 
+def worker(queues: str, concurrency: int) -> int:
+    """A worker serving the given queues (each deployment names its own), with the services up.
+
+    A GPU node runs one for the large model's queue while CPU nodes serve the small one's.
+    """
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if not names:
+        print("Name at least one queue.", file=sys.stderr)
+        return 2
+    return run(worker_command(queues=",".join(names), concurrency=concurrency))
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # Unwind like Ctrl-C, so every child and embedded service is stopped on the way out.
     raise KeyboardInterrupt
@@ -163,9 +176,16 @@ def main() -> int:
     up_parser.add_argument("--port", type=int, default=int(os.environ.get("GENAI_PORT", "8000")))
     run_parser = sub.add_parser("run", help="run a command with the services up")
     run_parser.add_argument("command", nargs=argparse.REMAINDER)
+    worker_parser = sub.add_parser("worker", help="run a worker for the given queues")
+    worker_parser.add_argument(
+        "--queues", default="inference,default", help="comma-separated Celery queues"
+    )
+    worker_parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
     if args.cmd == "up":
         return up(args.host, args.port)
+    if args.cmd == "worker":
+        return worker(args.queues, args.concurrency)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return run(command)
 

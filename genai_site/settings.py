@@ -8,6 +8,7 @@ I/O: a missing required variable fails loudly with ImproperlyConfigured.
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "channels",
     "django_htmx",
+    "ninja",
     "models_admin",
     "governance",
     "chat",
@@ -95,14 +97,23 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # An unacknowledged generation is handed to another worker after this long; it must exceed the
 # longest answer, or a slow answer would be generated twice.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", 900)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", 900),
+    # How often (seconds) a worker looks for unacknowledged tasks past the visibility timeout.
+    "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", 10),
+    "unacked_restore_throttle": 1,
+}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Run by the worker that the launcher starts with --beat (one beat per deployment).
 CELERY_BEAT_SCHEDULE = {
     "purge-expired-data": {
         "task": "chat.tasks.purge_expired_data",
         "schedule": env.float("RETENTION_PURGE_INTERVAL_SECONDS", default=3600.0),
-    }
+    },
+    "review-overdue": {
+        "task": "governance.tasks.review_overdue_sweep",
+        "schedule": env.float("REVIEW_OVERDUE_INTERVAL_SECONDS", default=60.0),
+    },
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -147,8 +158,19 @@ CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=8000)
 CHAT_DEFAULT_ALIAS = env.str("CHAT_DEFAULT_ALIAS", default="chat-default")
 # How long a generation may go without a heartbeat before its turn is marked failed.
 CHAT_GENERATION_LEASE_SECONDS = env.int("CHAT_GENERATION_LEASE_SECONDS", default=20)
+# How long a reviewer's claim on a review item lasts unless renewed.
+REVIEW_LEASE_SECONDS = env.int("REVIEW_LEASE_SECONDS", default=300)
 # Tokens are pushed to the page at most this often (seconds), in small batches.
 CHAT_STREAM_FLUSH_SECONDS = env.float("CHAT_STREAM_FLUSH_SECONDS", default=0.05)
+
+# The /v1 API. A non-streamed completion waits this long for its answer, then answers with the
+# job instead (202); larger bodies are refused with 413.
+API_WAIT_SECONDS = env.float("API_WAIT_SECONDS", default=300)
+API_MAX_REQUEST_BYTES = env.int("API_MAX_REQUEST_BYTES", default=1_048_576)
+API_MAX_EMBEDDING_INPUTS = env.int("API_MAX_EMBEDDING_INPUTS", default=256)
+# The name the embedding model goes by in /v1/embeddings and /v1/models.
+EMBEDDING_MODEL_ID = env.str("EMBEDDING_MODEL_ID", default="all-MiniLM-L6-v2")
+EMBEDDING_DIMENSIONS = 384
 
 # /metrics answers staff sessions, or a scraper sending "Authorization: Bearer <METRICS_TOKEN>".
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
@@ -159,6 +181,19 @@ KNOWLEDGE_MAX_DOCUMENT_BYTES = env.int("KNOWLEDGE_MAX_DOCUMENT_BYTES", default=1
 KNOWLEDGE_QUEUE = env.str("KNOWLEDGE_QUEUE", default="default")
 # How long an ingestion may go without a heartbeat before its document is queued again.
 KNOWLEDGE_INGEST_LEASE_SECONDS = env.int("KNOWLEDGE_INGEST_LEASE_SECONDS", default=30)
+# How often Celery beat looks for such documents. The check expires unrun after one interval,
+# so checks do not pile up in the queue while no worker serves it.
+KNOWLEDGE_REQUEUE_INTERVAL_SECONDS = env.float("KNOWLEDGE_REQUEUE_INTERVAL_SECONDS", default=60.0)
+CELERY_BEAT_SCHEDULE["requeue-stale-ingestions"] = {
+    "task": "chat.tasks.requeue_stale_ingestions",
+    "schedule": KNOWLEDGE_REQUEUE_INTERVAL_SECONDS,
+    "options": {"queue": KNOWLEDGE_QUEUE, "expires": KNOWLEDGE_REQUEUE_INTERVAL_SECONDS},
+}
+# "auto" (questions in int8, passages in fp32), "onnx-int8" (int8 ONNX Runtime, converted once
+# into MODEL_STORE) or "torch" (fp32). See models_admin/embeddings.py.
+EMBEDDING_BACKEND = env.str("EMBEDDING_BACKEND", default="auto")
+if EMBEDDING_BACKEND not in ("auto", "onnx-int8", "torch"):
+    raise ImproperlyConfigured("EMBEDDING_BACKEND must be auto, onnx-int8 or torch")
 # Passages given to the model per answer, and the least cosine similarity that counts as
 # relevant (all-MiniLM-L6-v2 puts unrelated English text around 0.0-0.15).
 KNOWLEDGE_PASSAGES_PER_ANSWER = env.int("KNOWLEDGE_PASSAGES_PER_ANSWER", default=4)
@@ -175,4 +210,6 @@ LOGGING = {
 # Rate-limit buckets live in Redis; admission refuses while it cannot reach it (fails closed).
 RATE_LIMIT_REDIS_URL = env.str("RATE_LIMIT_REDIS_URL", default=REDIS_URL)
 RATE_LIMIT_REDIS_TIMEOUT = env.float("RATE_LIMIT_REDIS_TIMEOUT", default=0.5)
+# Where the model versions' circuit breakers keep their state (shared by every worker).
+CIRCUIT_BREAKER_KEY_PREFIX = env.str("CIRCUIT_BREAKER_KEY_PREFIX", default="genai:breaker")
 RATE_LIMIT_KEY_PREFIX = env.str("RATE_LIMIT_KEY_PREFIX", default="genai:ratelimit")

@@ -4,6 +4,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from chat.api.views import api as v1_api
 from genai_site.observability import metrics_view
 
 
@@ -18,6 +19,8 @@ urlpatterns = [
     path("account/", include("governance.urls")),
     path("admin/", admin.site.urls),
     path("chat/", include("chat.urls")),
+    path("review/", include("chat.review_urls")),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),
+    path("v1/", v1_api.urls),
 ]

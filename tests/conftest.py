@@ -8,9 +8,11 @@ database, so integration tests use `transaction=True`: other processes must see 
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,6 +25,11 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 ARTIFACTS = BASE_DIR / "test-artifacts"
 # One queue per test session, so a platform running beside the tests never takes their turns.
 TEST_QUEUE = f"tests-{uuid.uuid4().hex[:8]}"
+# Circuit breakers of this session's versions (ids restart with each test database).
+BREAKER_PREFIX = f"genai:breaker:{TEST_QUEUE}"
+# The environment variable that holds the API secret of the OpenAI-compatible test server.
+REMOTE_KEY_ENV = "GENAI_TEST_REMOTE_API_KEY"
+REMOTE_KEY = uuid.uuid4().hex
 
 
 def _test_database_url() -> str:
@@ -53,7 +60,12 @@ def subprocess_env(
     django_db_setup: None, django_db_blocker: pytest.FixtureRequest
 ) -> dict[str, str]:
     """Environment for the worker and web subprocesses: the test database, the same Redis."""
-    return {**os.environ, "DATABASE_URL": _test_database_url()}
+    return {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "CIRCUIT_BREAKER_KEY_PREFIX": BREAKER_PREFIX,
+        REMOTE_KEY_ENV: REMOTE_KEY,
+    }
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -202,6 +214,60 @@ def _rate_limit_buckets_of_this_session() -> None:
     from django.conf import settings
 
     settings.RATE_LIMIT_KEY_PREFIX = f"genai:ratelimit:{TEST_QUEUE}"
+    settings.CIRCUIT_BREAKER_KEY_PREFIX = BREAKER_PREFIX
+
+
+@dataclass(frozen=True)
+class RemoteServer:
+    url: str  # the OpenAI-compatible base URL, ending in /v1
+    api_key: str
+
+
+@pytest.fixture(scope="session")
+def openai_server() -> Iterator[RemoteServer]:
+    """A real OpenAI-compatible server (llama-cpp-python's) serving the chat model's GGUF."""
+    from models_admin.importing import default_gguf_path
+
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "openai-server.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(default_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "2",
+            "--api_key",
+            REMOTE_KEY,
+        ],
+        cwd=BASE_DIR,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    _wait(listening, 120, "llama_cpp.server", proc)
+    yield RemoteServer(url=f"http://127.0.0.1:{port}/v1", api_key=REMOTE_KEY)
+    _stop(proc)
+
+
+@pytest.fixture
+def remote_key_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test server's API secret in this process's environment, under REMOTE_KEY_ENV."""
+    monkeypatch.setenv(REMOTE_KEY_ENV, REMOTE_KEY)
+    return REMOTE_KEY_ENV
 
 
 @pytest.fixture(autouse=True)

@@ -38,9 +38,11 @@ def test_log_in_chat_watch_the_answer_stream_and_find_it_after_reload(
         # The socket opens after the page loads; sending before that would be lost.
         page.wait_for_selector("body[data-socket=open]", timeout=30_000)
 
-        page.fill("#composer-text", "What is the capital of France?")
+        # A question with a long answer (up to the test model's 48 tokens, a few seconds on the
+        # CPU), so that the streaming state lasts long enough to be seen.
+        page.fill("#composer-text", "Describe the city of Paris in three sentences.")
         page.click("#send")
-        expect(page.locator(".msg-user")).to_contain_text("capital of France")
+        expect(page.locator(".msg-user")).to_contain_text("city of Paris")
         answer = page.locator(".msg-assistant .msg-body")
         # Streaming: text shows while the answer is still running.
         expect(page.locator(".msg-assistant.status-streaming .msg-body")).not_to_be_empty(
@@ -52,7 +54,7 @@ def test_log_in_chat_watch_the_answer_stream_and_find_it_after_reload(
         expect(page.locator("#composer-text")).to_have_value("")
 
         page.reload()
-        expect(page.locator(".msg-user")).to_contain_text("capital of France")
+        expect(page.locator(".msg-user")).to_contain_text("city of Paris")
         expect(page.locator(".msg-assistant .msg-body")).to_have_text(final_text)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
