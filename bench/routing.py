@@ -94,7 +94,7 @@ def main() -> None:
 
     rows = [
         ("route_choose (tier rule, canary 20%)", timed(
-            lambda i: route_choose(alias="bench-routing", conversation_id=i, prompt_chars=200)
+            lambda i: route_choose(alias="bench-routing", sticky_key=i, prompt_chars=200)
         )),
         ("route_targets (one fallback)", timed(
             lambda i: route_targets(deployment=deployment, version=primary)

@@ -4,13 +4,12 @@ Database work happens in short transactions before and after the model call, nev
 """
 
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from chat import live
@@ -21,70 +20,29 @@ from chat.models import Message
 from chat.reply_cache import ReplyCache
 from chat.review import answer_review_match, answer_review_may_hold, answer_review_queue
 from chat.services import answer_fail, lease_key, stop_key
+from chat.serving import (
+    Fate,
+    StreamPublisher,
+    deployment_for,
+    deployment_is_canary,
+    generate_cached,
+    outcome_decide,
+    usage_observe,
+    usage_settle,
+)
 from governance.audit import audit_record
-from governance.budgets import budget_settle
 from governance.holds import safety_hold_create
 from governance.models import SafetyHold
-from governance.safety.base import Action
-from governance.safety.pipeline import Pipeline, Verdict
 from governance.safety.policy import safety_output_pipeline
 from models_admin import metrics
 from models_admin.backends import Backend, Prompt
 from models_admin.engine import EngineError, GenerationResult, SamplingParams
-from models_admin.models import Deployment, ModelVersion
+from models_admin.models import ModelVersion
 from models_admin.resilience import serve_resilient
 from models_admin.routing import route_targets
 from models_admin.shadow import shadow_request
 
 logger = logging.getLogger(__name__)
-
-
-class StreamPublisher:
-    """Pushes the answer so far to its reader in small batches, through the output filters.
-
-    Every batch is checked before it is sent, so no text reaches the page unfiltered. A batch
-    the policy redacts is sent redacted; one it blocks or holds is not sent at all: the trip is
-    kept, `cancelled` turns true, and the engine stops at its next step.
-    """
-
-    def __init__(self, guard: Pipeline, send: Callable[[str, int], None], stop: str):
-        # `send(text_so_far, tokens)` delivers a checked batch; `stop` is the cache key whose
-        # presence asks generation to end.
-        self.guard = guard
-        self.send = send
-        self.stop = stop
-        self.text = ""
-        self.tokens = 0
-        self.last_flush = 0.0
-        self.flushed_text = ""
-        self.trip: Verdict | None = None
-        # Off when a review policy may hold the answer: the text is checked, not shown.
-        self.live = True
-
-    def on_text(self, delta: str) -> None:
-        self.text += delta
-        self.tokens += 1
-        if time.monotonic() - self.last_flush >= settings.CHAT_STREAM_FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.trip is not None or self.text == self.flushed_text:
-            return
-        verdict = self.guard.run(self.text)
-        if verdict.stops:
-            self.trip = verdict
-            return
-        if self.live:
-            self.send(verdict.text, self.tokens)
-        self.flushed_text = self.text
-        self.last_flush = time.monotonic()
-
-    def verdict(self, text: str) -> Verdict:
-        """The verdict on the finished answer: the trip that stopped it, or a last check."""
-        return self.trip if self.trip is not None else self.guard.run(text)
-
-    def cancelled(self) -> bool:
-        return self.trip is not None or cache.get(self.stop) is not None
 
 
 def _claim(message_id: int, attempt: int) -> Message | None:
@@ -126,18 +84,12 @@ def reply_generate(*, message_id: int, attempt: int, deployment_id: int | None =
     cache.delete(stop_key(message_id))
 
 
-def _deployment(answer: Message, deployment_id: int | None) -> Deployment | None:
-    deployments = Deployment.objects.select_related("shadow_version")
-    deployment = deployments.filter(pk=deployment_id).first() if deployment_id else None
-    # Tasks queued before routing named the deployment carry no id: the alias still does.
-    return deployment or deployments.filter(alias=answer.conversation.model_alias).first()
-
-
-def _is_canary(deployment: Deployment | None, version: ModelVersion | None) -> bool | None:
-    """Whether the answer came from the deployment's canary version (None: no deployment)."""
-    if deployment is None or version is None:
-        return None
-    return deployment.canary_version_id is not None and deployment.canary_version_id == version.pk
+_STATUS = {
+    Fate.COMPLETE: Message.Status.COMPLETE,
+    Fate.BLOCKED: Message.Status.BLOCKED,
+    Fate.HELD: Message.Status.HELD,
+    Fate.CANCELLED: Message.Status.STOPPED,
+}
 
 
 def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -> None:
@@ -147,7 +99,9 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
     version = chosen
     built = BuiltContext([])
     try:
-        deployment = _deployment(answer, deployment_id)
+        deployment = deployment_for(
+            deployment_id=deployment_id, alias=answer.conversation.model_alias
+        )
         deployment_id = deployment.pk if deployment is not None else None
         publisher = StreamPublisher(
             safety_output_pipeline(deployment_id=deployment_id),
@@ -170,7 +124,7 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                 deployment_id=deployment_id,
                 model_version_id=target.pk,
                 passages=built.passages,
-                canary=_is_canary(deployment, target),
+                canary=deployment_is_canary(deployment, target),
             )
             if built.no_match_answer is not None:
                 return GenerationResult(
@@ -194,21 +148,14 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                 prompt_ids=built.prompt_ids,
                 params=params,
             )
-            # No connection is held while the model runs.
-            close_old_connections()
-            cached = reply_cache.lookup(built.prompt_ids)
-            if cached is not None:
-                result, text = cached
-                on_text(text)
-                return result
-            result = backend.generate(
-                Prompt(ids=built.prompt_ids, messages=built.messages),
-                params,
+            return generate_cached(
+                backend=backend,
+                prompt=Prompt(ids=built.prompt_ids, messages=built.messages),
+                params=params,
+                reply_cache=reply_cache,
                 on_text=on_text,
                 cancelled=cancelled,
             )
-            reply_cache.store(result)
-            return result
 
         served = serve_resilient(
             targets=targets,
@@ -233,49 +180,29 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
         )
         return
 
-    verdict = publisher.verdict(result.text)
-    content, error = verdict.text, ""
-    if verdict.action == Action.BLOCK:
-        status = Message.Status.BLOCKED
-        content, error = "", f"This answer was stopped by the safety filter: {verdict.reason}."
-    elif verdict.action == Action.HOLD:
-        # The full text is kept for the reviewer; the page never shows it.
-        status = Message.Status.HELD
-        content, error = result.text, f"Held for review: {verdict.reason}."
-    elif result.finish_reason == "cancelled":
-        status = Message.Status.STOPPED
-    else:
-        status = Message.Status.COMPLETE
-    # Human review: governance says which policy, if any, holds (or samples) this answer.
-    review = None
-    if status == Message.Status.COMPLETE:
-        review = answer_review_match(
+    outcome = outcome_decide(
+        publisher=publisher,
+        result=result,
+        # Human review: governance says which policy, if any, holds (or samples) this answer.
+        review_match=lambda: answer_review_match(
             deployment_id=deployment_id,
             model_version_id=version.pk if version is not None else None,
             mean_logprob=result.mean_logprob,
             passages=built.passages,
-            canary=_is_canary(deployment, version),
-        )
-        if review is not None and not review.deliver_now:
-            status, error = Message.Status.HELD, f"Held for review: {review.reason}."
-    # The figures saved on the message below are these same measurements.
-    metrics.generation_observe(
-        deployment=answer.conversation.model_alias,
-        version=str(version),
-        outcome="cached" if result.cache and status == Message.Status.COMPLETE else str(status),
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        time_to_first_token_s=result.time_to_first_token_s,
-        tokens_per_second=result.tokens_per_second,
-        queue_wait_s=result.queue_wait_s,
+            canary=deployment_is_canary(deployment, version),
+        ),
+    )
+    status = _STATUS[outcome.fate]
+    usage_observe(
+        alias=answer.conversation.model_alias, version=version, outcome=outcome.fate, result=result
     )
     with transaction.atomic():
         won = Message.objects.filter(
             pk=message_id, attempt=attempt, status=Message.Status.STREAMING
         ).update(
             status=status,
-            content=content,
-            error=error,
+            content=outcome.content,
+            error=outcome.error,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             time_to_first_token_ms=result.time_to_first_token_s * 1000,
@@ -287,9 +214,9 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
         if not won:
             return
         hold_id, hold = None, None
-        if verdict.action == Action.HOLD:
+        if outcome.safety_held:
             hold = safety_hold_create(
-                verdict=verdict,
+                verdict=outcome.verdict,
                 direction=SafetyHold.Direction.OUTPUT,
                 target_type="message",
                 target_id=message_id,
@@ -299,25 +226,18 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
             Message.objects.filter(pk=message_id).update(safety_hold=hold)
             hold_id = hold.pk
         review_item_id = None
-        if status == Message.Status.HELD or review is not None:
+        if status == Message.Status.HELD or outcome.review is not None:
             review_item_id = answer_review_queue(
                 answer=answer,
-                text=content,
+                text=outcome.content,
                 deployment_id=deployment_id,
-                match=review,
+                match=outcome.review,
                 safety_hold=hold,
                 passages=built.passages,
                 mean_logprob=result.mean_logprob,
             ).pk
         citations_store(message_id=message_id, passages=built.passages)
-        cost = None
-        if answer.reservation_id:
-            cost = budget_settle(
-                reservation_id=answer.reservation_id,
-                # A cached answer spent no model time; it is not charged.
-                input_tokens=0 if result.cache else result.prompt_tokens,
-                output_tokens=0 if result.cache else result.completion_tokens,
-            )
+        cost = usage_settle(reservation_id=answer.reservation_id, result=result)
         audit_record(
             actor=None,
             action="turn.generated",
@@ -330,9 +250,9 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                 "attempt": attempt,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "finish_reason": "safety" if verdict.stops else result.finish_reason,
+                "finish_reason": "safety" if outcome.verdict.stops else result.finish_reason,
                 "cache": result.cache or None,
-                **({"safety": verdict.summary()} if verdict.trips else {}),
+                **({"safety": outcome.verdict.summary()} if outcome.verdict.trips else {}),
                 **({"hold": hold_id} if hold_id else {}),
                 **({"review_item": review_item_id} if review_item_id else {}),
                 "cited_chunks": [p.chunk_id for p in built.passages],
@@ -345,7 +265,7 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                 request_ref=f"message:{message_id}",
                 messages=built.messages,
                 primary_version=version,
-                primary_answer=content,
+                primary_answer=outcome.content,
                 primary_latency_ms=served.latency_s * 1000,
                 primary_ttft_ms=result.time_to_first_token_s * 1000,
             )

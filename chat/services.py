@@ -110,7 +110,7 @@ def _route(conversation: Conversation, text: str) -> Route:
     try:
         return route_choose(
             alias=conversation.model_alias,
-            conversation_id=conversation.pk,
+            sticky_key=conversation.pk,
             prompt_chars=len(text),
             uses_retrieval=conversation.knowledge_bases.exists(),
             user_choice=conversation.tier,

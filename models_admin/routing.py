@@ -42,9 +42,10 @@ def deployment_resolve(*, alias: str) -> Deployment:
     return deployment
 
 
-def canary_bucket(*, deployment_id: int, conversation_id: int) -> int:
-    """0-99, fixed for a conversation: the same conversation always lands on the same side."""
-    digest = hashlib.sha256(f"{deployment_id}:{conversation_id}".encode()).digest()
+def canary_bucket(*, deployment_id: int, sticky_key: int | str) -> int:
+    """0-99, fixed for a sticky key (a conversation's id; for the API, the key and its end
+    user): the same conversation always lands on the same side."""
+    digest = hashlib.sha256(f"{deployment_id}:{sticky_key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100
 
 
@@ -79,12 +80,13 @@ def deployment_tier_choices(*, alias: str) -> list[str]:
 def route_choose(
     *,
     alias: str,
-    conversation_id: int,
+    sticky_key: int | str,
     prompt_chars: int = 0,
     uses_retrieval: bool = False,
     user_choice: str = "",
 ) -> Route:
-    """The deployment and version that answer a turn of this conversation."""
+    """The deployment and version that answer a request: a conversation's turn (`sticky_key`
+    its id) or an API call."""
     deployment = _tier_target(
         deployment_resolve(alias=alias),
         prompt_chars=prompt_chars,
@@ -95,7 +97,7 @@ def route_choose(
     if (
         canary is not None
         and canary.can_serve
-        and canary_bucket(deployment_id=deployment.pk, conversation_id=conversation_id)
+        and canary_bucket(deployment_id=deployment.pk, sticky_key=sticky_key)
         < deployment.canary_weight
     ):
         return Route(deployment=deployment, version=canary, canary=True)

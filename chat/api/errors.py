@@ -31,8 +31,10 @@ def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, type="authentication_error", code="invalid_api_key")
 
 
-def forbidden(message: str) -> ApiError:
-    return ApiError(403, message, type="permission_error", code="insufficient_permissions")
+def forbidden(
+    message: str, *, code: str = "insufficient_permissions", param: str | None = None
+) -> ApiError:
+    return ApiError(403, message, type="permission_error", code=code, param=param)
 
 
 def not_found(message: str, *, code: str = "not_found", param: str | None = None) -> ApiError:

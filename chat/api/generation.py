@@ -8,31 +8,44 @@ so the job completes once.
 """
 
 import logging
+from collections.abc import Callable
 from functools import partial
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import close_old_connections, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from chat.api.events import job_event_publish
 from chat.api.review import job_review_queue
 from chat.api.services import job_cancel_key, job_lease_key
-from chat.generation import StreamPublisher
 from chat.leases import HeartbeatLease
 from chat.models import Job
 from chat.reply_cache import ReplyCache
+from chat.review import answer_review_match, answer_review_may_hold
+from chat.serving import (
+    Fate,
+    StreamPublisher,
+    deployment_for,
+    deployment_is_canary,
+    generate_cached,
+    outcome_decide,
+    usage_observe,
+    usage_settle,
+)
 from governance.audit import audit_record
-from governance.budgets import budget_release, budget_settle
+from governance.budgets import budget_release
 from governance.holds import safety_hold_create
 from governance.models import SafetyHold
-from governance.safety.base import Action
 from governance.safety.policy import safety_output_pipeline
 from models_admin import metrics
-from models_admin.engine import EngineError, SamplingParams, engine_get
-from models_admin.models import Deployment
-from models_admin.store import artifact_dir
+from models_admin.backends import Backend, Prompt, backend_for
+from models_admin.engine import EngineError, GenerationResult, SamplingParams
+from models_admin.models import Deployment, ModelVersion
+from models_admin.resilience import Served, serve_resilient
+from models_admin.routing import route_targets
+from models_admin.shadow import shadow_request
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +76,7 @@ def _claim(job_id: int) -> Job | None:
     return Job.objects.select_related("model_version").get(pk=job_id)
 
 
-def job_generate(*, job_id: int) -> None:
+def job_generate(*, job_id: int, deployment_id: int | None = None) -> None:
     public_id = Job.objects.filter(pk=job_id).values_list("public_id", flat=True).first()
     if public_id is None:
         return
@@ -77,7 +90,7 @@ def job_generate(*, job_id: int) -> None:
         if job is None:
             logger.info("Job %s is no longer waiting to run", public_id)
             return
-        _generate(job)
+        _generate(job, deployment_id)
     cache.delete(job_cancel_key(public_id))
 
 
@@ -106,32 +119,38 @@ def _fail(job: Job, reason: str, code: str) -> None:
         )
 
 
-def _generate(job: Job) -> None:
+_STATUS = {
+    Fate.COMPLETE: Job.Status.COMPLETED,
+    # As OpenAI does: a completion whose finish_reason is "content_filter", with no text.
+    Fate.BLOCKED: Job.Status.COMPLETED,
+    Fate.HELD: Job.Status.HELD_FOR_REVIEW,
+    Fate.CANCELLED: Job.Status.CANCELLED,
+}
+
+
+def _generate(job: Job, deployment_id: int | None) -> None:
     job_event_publish(job.public_id, {"type": "state", "status": "running", "run": job.run})
-    version = job.model_version
+    chosen = version = job.model_version
     request = job.request
     try:
-        deployment = Deployment.objects.filter(alias=job.model_alias).first()
+        deployment = deployment_for(deployment_id=deployment_id, alias=job.model_alias)
         deployment_id = deployment.pk if deployment is not None else None
         publisher = StreamPublisher(
             safety_output_pipeline(deployment_id=deployment_id),
             _DeltaSender(job.public_id),
             job_cancel_key(job.public_id),
         )
-        if version is None:
+        if chosen is None:
             raise EngineError("The job has no model version.")
-        engine = engine_get(
-            directory=artifact_dir(version.artifact_path),
-            sha256=version.sha256,
-            context_window=version.context_window,
-        )
-        prompt_ids = engine.encode_chat(request["messages"])
-        if len(prompt_ids) + request["max_tokens"] > version.context_window:
+        # A remote server checks its own window (and its tokens are only estimated here).
+        backend = backend_for(chosen)
+        prompt_tokens = 0 if backend.remote else len(backend.encode_chat(request["messages"]))
+        if prompt_tokens + request["max_tokens"] > chosen.context_window:
             _fail(
                 job,
-                f"The messages take {len(prompt_ids)} tokens; with max_tokens "
+                f"The messages take {prompt_tokens} tokens; with max_tokens "
                 f"{request['max_tokens']} they do not fit in this model's context window of "
-                f"{version.context_window} tokens.",
+                f"{chosen.context_window} tokens.",
                 "context_length_exceeded",
             )
             return
@@ -142,24 +161,45 @@ def _generate(job: Job) -> None:
             seed=request["seed"],
             stop=tuple(request["stop"]),
         )
-        reply_cache = ReplyCache.for_request(
-            version=version,
-            deployment=deployment,
-            engine=engine,
-            prompt_ids=prompt_ids,
-            params=params,
-        )
-        # No connection is held while the model runs.
-        close_old_connections()
-        cached = reply_cache.lookup(prompt_ids)
-        if cached is not None:
-            result, text = cached
-            publisher.on_text(text)
-        else:
-            result = engine.generate(
-                prompt_ids, params, on_text=publisher.on_text, cancelled=publisher.cancelled
+        targets = route_targets(deployment=deployment, version=chosen) if deployment else [chosen]
+
+        def run(
+            target: ModelVersion,
+            backend: Backend,
+            on_text: Callable[[str], None],
+            cancelled: Callable[[], bool],
+        ) -> GenerationResult:
+            publisher.live = not answer_review_may_hold(
+                deployment_id=deployment_id,
+                model_version_id=target.pk,
+                passages=[],
+                canary=deployment_is_canary(deployment, target),
             )
-            reply_cache.store(result)
+            prompt_ids = backend.encode_chat(request["messages"])
+            reply_cache = ReplyCache.for_request(
+                version=target,
+                deployment=deployment,
+                engine=backend,
+                prompt_ids=prompt_ids,
+                params=params,
+            )
+            return generate_cached(
+                backend=backend,
+                prompt=Prompt(ids=prompt_ids, messages=request["messages"]),
+                params=params,
+                reply_cache=reply_cache,
+                on_text=on_text,
+                cancelled=cancelled,
+            )
+
+        served = serve_resilient(
+            targets=targets,
+            run=run,
+            on_text=publisher.on_text,
+            cancelled=publisher.cancelled,
+            hedge_after_ms=deployment.hedge_after_ms if deployment else None,
+        )
+        version = served.version
         publisher.flush()
     except Exception as exc:
         logger.exception("Job %s failed", job.public_id)
@@ -169,48 +209,55 @@ def _generate(job: Job) -> None:
         reason = str(exc) if isinstance(exc, EngineError) else "The model failed to answer."
         _fail(job, reason, "engine_error")
         return
-    _settle(job, publisher, result, deployment_id)
+    _settle(job, publisher, served, chosen, deployment)
 
 
-def _settle(job: Job, publisher: StreamPublisher, result, deployment_id: int | None) -> None:  # type: ignore[no-untyped-def]
-    verdict = publisher.verdict(result.text)
-    content, error, finish_reason = verdict.text, "", result.finish_reason
-    status = Job.Status.COMPLETED
-    if verdict.action == Action.BLOCK:
-        content, finish_reason = "", "content_filter"
-        error = f"The answer was stopped by the safety filter: {verdict.reason}."
-    elif verdict.action == Action.HOLD:
-        # The full text is kept for the reviewer; the program sees it only once approved.
-        status, content, finish_reason = Job.Status.HELD_FOR_REVIEW, result.text, "held_for_review"
-        error = f"Held for review: {verdict.reason}."
-    elif result.finish_reason == "cancelled":
-        status = Job.Status.CANCELLED
-    metrics.generation_observe(
-        deployment=job.model_alias,
-        version=str(job.model_version),
-        outcome="cached" if result.cache and status == Job.Status.COMPLETED else str(status),
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        time_to_first_token_s=result.time_to_first_token_s,
-        tokens_per_second=result.tokens_per_second,
-        queue_wait_s=result.queue_wait_s,
+def _settle(
+    job: Job,
+    publisher: StreamPublisher,
+    served: Served,
+    chosen: ModelVersion,
+    deployment: Deployment | None,
+) -> None:
+    result, version = served.result, served.version
+    deployment_id = deployment.pk if deployment is not None else None
+    outcome = outcome_decide(
+        publisher=publisher,
+        result=result,
+        review_match=lambda: answer_review_match(
+            deployment_id=deployment_id,
+            model_version_id=version.pk,
+            mean_logprob=result.mean_logprob,
+            passages=[],
+            canary=deployment_is_canary(deployment, version),
+        ),
     )
+    status = _STATUS[outcome.fate]
+    finish_reason = {
+        Fate.BLOCKED: "content_filter",
+        Fate.HELD: "held_for_review",
+    }.get(outcome.fate, result.finish_reason)
+    usage_observe(alias=job.model_alias, version=version, outcome=outcome.fate, result=result)
     with transaction.atomic():
         won = Job.objects.filter(pk=job.pk, run=job.run, status=Job.Status.RUNNING).update(
             status=status,
-            content=content,
-            error=error,
+            content=outcome.content,
+            error=outcome.error,
             finish_reason=finish_reason,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             finished_at=timezone.now(),
+            # The version that answered: a fallback's, when the routed one could not.
+            model_version=version,
         )
         if not won:
             return
+        job.model_version = version
         hold_id = review_item_id = None
-        if status == Job.Status.HELD_FOR_REVIEW:
+        hold = None
+        if outcome.safety_held:
             hold = safety_hold_create(
-                verdict=verdict,
+                verdict=outcome.verdict,
                 direction=SafetyHold.Direction.OUTPUT,
                 target_type="job",
                 target_id=job.public_id,
@@ -219,34 +266,46 @@ def _settle(job: Job, publisher: StreamPublisher, result, deployment_id: int | N
             )
             Job.objects.filter(pk=job.pk).update(safety_hold=hold)
             hold_id = hold.pk
+        if status == Job.Status.HELD_FOR_REVIEW or outcome.review is not None:
             review_item_id = job_review_queue(
-                job=job, text=result.text, deployment_id=deployment_id, safety_hold=hold
+                job=job,
+                text=outcome.content,
+                deployment_id=deployment_id,
+                match=outcome.review,
+                safety_hold=hold,
+                mean_logprob=result.mean_logprob,
             ).pk
-        cost = None
-        if job.reservation_id:
-            cost = budget_settle(
-                reservation_id=job.reservation_id,
-                input_tokens=0 if result.cache else result.prompt_tokens,
-                output_tokens=0 if result.cache else result.completion_tokens,
-            )
+        cost = usage_settle(reservation_id=job.reservation_id, result=result)
         audit_record(
             actor=None,
             action="job.generated",
             target_type="job",
             target_id=job.public_id,
             details={
-                "model_version": str(job.model_version),
+                "model_version": str(version),
+                **({"routed_to": str(chosen)} if version != chosen else {}),
+                **({"targets": served.attempts} if len(served.attempts) > 1 else {}),
                 "run": job.run,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
                 "finish_reason": finish_reason,
                 "cache": result.cache or None,
-                **({"safety": verdict.summary()} if verdict.trips else {}),
+                **({"safety": outcome.verdict.summary()} if outcome.verdict.trips else {}),
                 **({"hold": hold_id} if hold_id else {}),
                 **({"review_item": review_item_id} if review_item_id else {}),
                 "cost": str(cost) if cost is not None else None,
             },
         )
+        if deployment is not None and status == Job.Status.COMPLETED and not result.cache:
+            shadow_request(
+                deployment=deployment,
+                request_ref=f"job:{job.public_id}",
+                messages=job.request["messages"],
+                primary_version=version,
+                primary_answer=outcome.content,
+                primary_latency_ms=served.latency_s * 1000,
+                primary_ttft_ms=result.time_to_first_token_s * 1000,
+            )
         transaction.on_commit(
             partial(
                 job_event_publish,

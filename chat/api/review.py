@@ -1,6 +1,8 @@
 """API jobs in the review queue: a held job waits for a reviewer like a held chat answer.
 
-The job's output was held by a safety filter; the queue item points at it by its public id.
+A job's answer is held by a safety filter or by a review policy (the same policies as chat
+answers: deployment approval, canary check, low confidence, samples); the queue item points at
+it by its public id.
 A decision completes the job (approved or edited text) or fails it with the reviewer's message
 for the user, and the job's event stream tells a waiting program at once.
 """
@@ -13,7 +15,7 @@ from django.db import transaction
 from chat.api.events import job_event_publish
 from chat.models import Job
 from governance.models import ReviewItem, ReviewPolicy, SafetyHold
-from governance.review_policies import review_policy_for_event
+from governance.review_policies import PolicyMatch, review_policy_for_event
 from governance.review_queue import review_item_create
 from governance.review_targets import ReviewContext
 
@@ -21,14 +23,26 @@ TARGET = "job"
 
 
 def job_review_queue(
-    *, job: Job, text: str, deployment_id: int | None, safety_hold: SafetyHold
+    *,
+    job: Job,
+    text: str,
+    deployment_id: int | None,
+    match: PolicyMatch | None,
+    safety_hold: SafetyHold | None,
+    mean_logprob: float | None,
 ) -> ReviewItem:
-    """Queue a held job's answer; call inside the transaction that settles the job."""
+    """Queue a held (or sampled) job's answer; call inside the transaction that settles it."""
+    if match is None:
+        assert safety_hold is not None, "a job is queued by a policy or by a safety hold"
+        match = PolicyMatch(
+            policy=review_policy_for_event(
+                kind=ReviewPolicy.Kind.SAFETY_HOLD, deployment_id=deployment_id
+            ),
+            reason=f"safety filter '{safety_hold.filter}': {safety_hold.reason}",
+        )
     return review_item_create(
-        policy=review_policy_for_event(
-            kind=ReviewPolicy.Kind.SAFETY_HOLD, deployment_id=deployment_id
-        ),
-        reason=f"safety filter '{safety_hold.filter}': {safety_hold.reason}",
+        policy=match.policy,
+        reason=match.reason,
         target_type=TARGET,
         target_id=job.public_id,
         original_text=text,
@@ -36,6 +50,8 @@ def job_review_queue(
         deployment_id=deployment_id,
         model_version_id=job.model_version_id,
         safety_hold=safety_hold,
+        delivered=match.deliver_now,
+        details={"mean_logprob": mean_logprob} if mean_logprob is not None else {},
     )
 
 

@@ -1,5 +1,5 @@
 """What a key may see of the models: the active deployments (chat scope) and the embedding
-model (embeddings scope)."""
+model (embeddings scope), narrowed to the key's allowed models when it names any."""
 
 from typing import Any
 
@@ -26,8 +26,9 @@ def models_for_key(*, api_key: ApiKey) -> list[dict[str, Any]]:
                 "owned_by": "genai-site",
             }
             for d in deployments
+            if api_key.may_use(d.alias)
         )
-    if ApiKey.Scope.EMBEDDINGS in api_key.scopes:
+    if ApiKey.Scope.EMBEDDINGS in api_key.scopes and api_key.may_use(settings.EMBEDDING_MODEL_ID):
         found.append(
             {
                 "id": settings.EMBEDDING_MODEL_ID,

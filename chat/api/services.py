@@ -5,6 +5,7 @@ input safety filters, admission (rate limits, budgets) and the audit log. Views 
 and the selectors beside them.
 """
 
+import dataclasses
 import re
 import secrets
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from governance.safety.base import Action
 from governance.safety.pipeline import Verdict
 from governance.safety.policy import safety_input_pipeline
 from models_admin.models import Deployment
-from models_admin.routing import DeploymentUnavailable, deployment_resolve
+from models_admin.routing import DeploymentUnavailable, Route, route_choose
 
 # The tokenizer lives in the worker; at admission a request is estimated from its characters,
 # as chat turns are (chat.services): 3 per token errs on the side of reserving too much.
@@ -61,15 +62,32 @@ def scope_require(*, api_key: ApiKey, scope: str) -> None:
         raise forbidden(f"API key {api_key.prefix} does not have the '{scope}' scope.")
 
 
-def _deployment(alias: str) -> Deployment:
+def _route(*, api_key: ApiKey, body: dict[str, Any], prompt_chars: int) -> Route:
+    """Where the request goes, as for a chat turn (tiers by prompt length, canary, archived
+    versions, fallbacks). Canary stickiness follows the key and the end user it names."""
+    alias = body["model"]
+    model_allow(api_key=api_key, model=alias)
     try:
-        return deployment_resolve(alias=alias)
+        return route_choose(
+            alias=alias,
+            sticky_key=f"api:{api_key.pk}:{body.get('user') or ''}",
+            prompt_chars=prompt_chars,
+        )
     except DeploymentUnavailable as exc:
         if not Deployment.objects.filter(alias=alias).exists():
             raise not_found(
                 f"The model '{alias}' does not exist.", code="model_not_found", param="model"
             ) from exc
         raise unavailable(f"The model is not available: {exc}") from exc
+
+
+def model_allow(*, api_key: ApiKey, model: str) -> None:
+    if not api_key.may_use(model):
+        raise forbidden(
+            f"API key {api_key.prefix} may not use the model '{model}'.",
+            code="model_not_allowed",
+            param="model",
+        )
 
 
 def _text(content: object) -> str:
@@ -86,7 +104,7 @@ class _Screened:
     verdict: Verdict | None
 
 
-def _screen(messages: list[dict[str, str]], deployment_id: int) -> _Screened:
+def _screen(messages: list[dict[str, str]], deployment_id: int | None) -> _Screened:
     """Every message through the input filters; the strongest verdict decides admission."""
     pipeline = safety_input_pipeline(deployment_id=deployment_id)
     out: list[dict[str, str]] = []
@@ -116,8 +134,19 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
     recorded (the job row, failed, and the audit event) before the error goes back.
     """
     scope_require(api_key=api_key, scope=ApiKey.Scope.CHAT)
-    deployment = _deployment(body["model"])
-    version = deployment.primary_version
+    asked = [
+        {
+            "role": "system" if m["role"] == "developer" else m["role"],
+            "content": _text(m["content"]),
+        }
+        for m in body["messages"]
+    ]
+    route = _route(
+        api_key=api_key,
+        body=body,
+        prompt_chars=sum(len(m["content"]) for m in asked if m["role"] != "system"),
+    )
+    deployment, version = route.deployment, route.version
     requested = body.get("max_completion_tokens") or body.get("max_tokens")
     # The version's limit is the operator's: a larger request is served up to it.
     max_tokens = min(requested or version.max_output_tokens, version.max_output_tokens)
@@ -127,13 +156,7 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
         raise invalid_request(
             f"'stop' takes at most {_MAX_STOP_SEQUENCES} non-empty strings.", param="stop"
         )
-    messages = [
-        {
-            "role": "system" if m["role"] == "developer" else m["role"],
-            "content": _text(m["content"]),
-        }
-        for m in body["messages"]
-    ]
+    messages = list(asked)
     if not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": version.system_prompt})
     chars = sum(len(m["content"]) for m in messages)
@@ -162,7 +185,7 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
             public_id=f"job_{secrets.token_hex(12)}",
             user=api_key.user,
             api_key=api_key,
-            model_alias=deployment.alias,
+            model_alias=body["model"],
             model_version=version,
             request=request,
         )
@@ -193,7 +216,7 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
         else:
             job.finished_at = None
             job.reservation = admission
-            transaction.on_commit(partial(_enqueue, job.pk, deployment.queue))
+            transaction.on_commit(partial(_enqueue, job.pk, deployment))
         job.save(
             update_fields=[
                 "status",
@@ -209,10 +232,10 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
     return job
 
 
-def _enqueue(job_id: int, queue: str) -> None:
+def _enqueue(job_id: int, deployment: Deployment) -> None:
     from chat.tasks import generate_job
 
-    generate_job.apply_async(args=(job_id,), queue=queue)
+    generate_job.apply_async(args=(job_id, deployment.pk), queue=deployment.queue)
 
 
 def job_get_for_key(*, api_key: ApiKey, public_id: str) -> Job:
@@ -272,6 +295,7 @@ def embeddings_create(
     )
 
     scope_require(api_key=api_key, scope=ApiKey.Scope.EMBEDDINGS)
+    model_allow(api_key=api_key, model=model)
     if model != settings.EMBEDDING_MODEL_ID:
         raise not_found(
             f"The embedding model is '{settings.EMBEDDING_MODEL_ID}', not '{model}'.",
@@ -284,6 +308,20 @@ def embeddings_create(
         raise invalid_request(
             f"'input' takes at most {settings.API_MAX_EMBEDDING_INPUTS} texts.", param="input"
         )
+    # The input filters see every text (redactions apply to what is embedded). Nobody waits on
+    # a held embedding, so a filter that would hold refuses instead.
+    screened = _screen([{"role": "user", "content": t} for t in texts], None)
+    texts = [m["content"] for m in screened.messages]
+    verdict = screened.verdict
+    if verdict is not None and verdict.action == Action.HOLD:
+        verdict = dataclasses.replace(
+            verdict,
+            action=Action.BLOCK,
+            trips=tuple(
+                dataclasses.replace(t, action=Action.BLOCK) if t.action == Action.HOLD else t
+                for t in verdict.trips
+            ),
+        )
     estimate = min(sum(len(t) for t in texts) // _CHARS_PER_TOKEN_ESTIMATE + len(texts), 10**9)
     with transaction.atomic():
         try:
@@ -295,6 +333,7 @@ def embeddings_create(
                 target_type="embeddings",
                 target_id=model,
                 ip=ip,
+                verdict=verdict,
             )
         except ApiKeyInvalid as exc:
             raise unauthorized(str(exc)) from exc

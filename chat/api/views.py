@@ -7,6 +7,7 @@ answer; every error leaves as OpenAI's error object.
 
 import base64
 import logging
+import re
 import struct
 from typing import Any
 
@@ -78,6 +79,7 @@ api = NinjaAPI(
     auth=ApiKeyBearer(),
 )
 
+_UNION_MEMBER = re.compile(r".*\[.*\]|str|int|float|bool|none")
 ERRORS: dict[int, Any] = {code: ErrorOut for code in (400, 401, 403, 404, 413, 429, 503)}
 _SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
@@ -97,7 +99,13 @@ def _api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
 @api.exception_handler(ValidationError)
 def _validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     first = exc.errors[0] if exc.errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "payload")]
+    # Pydantic names the union member that failed in the location ("str", "function-after[
+    # ...]", "list[TextPart]"): the program needs the field's path alone.
+    loc = [
+        str(p)
+        for p in first.get("loc", ())
+        if p not in ("body", "payload") and not _UNION_MEMBER.fullmatch(str(p))
+    ]
     where = ".".join(loc)
     message = f"{where}: {first.get('msg', 'invalid value')}" if where else "Invalid request."
     return _error_response(request, invalid_request(message, param=where or None))

@@ -28,16 +28,16 @@ def test_a_canary_at_20_percent_takes_a_fifth_of_1000_conversations_and_each_sta
     deployment = deployment_create(alias="chat-x", primary=primary)
     deployment_canary_set(deployment_id=deployment.pk, version_id=canary.pk, weight=20, actor=None)
 
-    picks = {c: route_choose(alias="chat-x", conversation_id=c).version.pk for c in range(1, 1001)}
+    picks = {c: route_choose(alias="chat-x", sticky_key=c).version.pk for c in range(1, 1001)}
     share = Counter(picks.values())[canary.pk] / 1000
     # Binomial(1000, 0.2) has a standard deviation of 1.3 points: 4 points is three of them.
     assert 0.16 <= share <= 0.24, share
-    again = {c: route_choose(alias="chat-x", conversation_id=c).version.pk for c in range(1, 1001)}
+    again = {c: route_choose(alias="chat-x", sticky_key=c).version.pk for c in range(1, 1001)}
     assert again == picks, "a conversation must stay on the version it started with"
 
     # Raising the weight moves more conversations to the canary, never one away from it.
     deployment_canary_set(deployment_id=deployment.pk, version_id=canary.pk, weight=50, actor=None)
-    wider = {c: route_choose(alias="chat-x", conversation_id=c).version.pk for c in range(1, 1001)}
+    wider = {c: route_choose(alias="chat-x", sticky_key=c).version.pk for c in range(1, 1001)}
     assert all(wider[c] == canary.pk for c, v in picks.items() if v == canary.pk)
     assert 0.46 <= Counter(wider.values())[canary.pk] / 1000 <= 0.54
 
@@ -56,7 +56,7 @@ def test_a_turn_is_answered_by_the_version_its_conversation_is_routed_to() -> No
         conversation = conversation_create(user=user)
         outcome = turn_submit(user=user, conversation_id=conversation.pk, text="Hi")
         assert outcome.answer is not None
-        expected = route_choose(alias="chat-default", conversation_id=conversation.pk).version
+        expected = route_choose(alias="chat-default", sticky_key=conversation.pk).version
         assert outcome.answer.model_version_id == expected.pk
         seen.add(expected.pk)
     assert seen == {primary.pk, canary.pk}
@@ -68,9 +68,9 @@ def test_tier_rules_send_long_prompts_to_the_larger_deployment() -> None:
     TierRule.objects.create(deployment=small, target=large, min_prompt_chars=2000)
     TierRule.objects.create(deployment=small, target=large, user_choice="large", position=1)
 
-    assert route_choose(alias="chat-fast", conversation_id=1, prompt_chars=50).deployment == small
-    assert route_choose(alias="chat-fast", conversation_id=1, prompt_chars=5000).deployment == large
-    chosen = route_choose(alias="chat-fast", conversation_id=1, user_choice="large")
+    assert route_choose(alias="chat-fast", sticky_key=1, prompt_chars=50).deployment == small
+    assert route_choose(alias="chat-fast", sticky_key=1, prompt_chars=5000).deployment == large
+    chosen = route_choose(alias="chat-fast", sticky_key=1, user_choice="large")
     assert chosen.deployment == large and chosen.version.version == "large"
 
 
@@ -88,7 +88,7 @@ def test_an_archived_version_never_serves() -> None:
     # An archived primary (archived behind the registry's back) refuses the turn, saying why.
     ModelVersion.objects.filter(pk=primary.pk).update(stage="archived")
     with pytest.raises(DeploymentUnavailable, match="archived"):
-        route_choose(alias="chat-default", conversation_id=1)
+        route_choose(alias="chat-default", sticky_key=1)
     user = user_create()
     conversation = conversation_create(user=user)
     with pytest.raises(TurnRejected, match="archived"):
@@ -96,7 +96,7 @@ def test_an_archived_version_never_serves() -> None:
     # With a servable fallback, the fallback answers instead.
     fallback = version_create(version="v3")
     DeploymentFallback.objects.create(deployment=deployment, version=fallback)
-    assert route_choose(alias="chat-default", conversation_id=1).version == fallback
+    assert route_choose(alias="chat-default", sticky_key=1).version == fallback
 
 
 def test_stage_changes_need_a_passed_evaluation_or_an_audited_override() -> None:

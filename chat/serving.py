@@ -1,0 +1,188 @@
+"""What a chat turn and an API job share on the worker: streaming through the output filters,
+one request against one routed target (reply caches, then the model), deciding what became of
+the answer, and settling its cost and metrics.
+
+`chat.generation` (turns) and `chat.api.generation` (jobs) differ in how the prompt is built and
+where the answer goes; everything here is the same for both.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import close_old_connections
+
+from chat.reply_cache import ReplyCache
+from governance.budgets import budget_settle
+from governance.review_policies import PolicyMatch
+from governance.safety.base import Action
+from governance.safety.pipeline import Pipeline, Verdict
+from models_admin import metrics
+from models_admin.backends import Backend, Prompt
+from models_admin.engine import GenerationResult, SamplingParams
+from models_admin.models import Deployment, ModelVersion
+
+
+class StreamPublisher:
+    """Pushes the answer so far to its reader in small batches, through the output filters.
+
+    Every batch is checked before it is sent, so no text reaches the page unfiltered. A batch
+    the policy redacts is sent redacted; one it blocks or holds is not sent at all: the trip is
+    kept, `cancelled` turns true, and the engine stops at its next step.
+    """
+
+    def __init__(self, guard: Pipeline, send: Callable[[str, int], None], stop: str):
+        # `send(text_so_far, tokens)` delivers a checked batch; `stop` is the cache key whose
+        # presence asks generation to end.
+        self.guard = guard
+        self.send = send
+        self.stop = stop
+        self.text = ""
+        self.tokens = 0
+        self.last_flush = 0.0
+        self.flushed_text = ""
+        self.trip: Verdict | None = None
+        # Off when a review policy may hold the answer: the text is checked, not shown.
+        self.live = True
+
+    def on_text(self, delta: str) -> None:
+        self.text += delta
+        self.tokens += 1
+        if time.monotonic() - self.last_flush >= settings.CHAT_STREAM_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.trip is not None or self.text == self.flushed_text:
+            return
+        verdict = self.guard.run(self.text)
+        if verdict.stops:
+            self.trip = verdict
+            return
+        if self.live:
+            self.send(verdict.text, self.tokens)
+        self.flushed_text = self.text
+        self.last_flush = time.monotonic()
+
+    def verdict(self, text: str) -> Verdict:
+        """The verdict on the finished answer: the trip that stopped it, or a last check."""
+        return self.trip if self.trip is not None else self.guard.run(text)
+
+    def cancelled(self) -> bool:
+        return self.trip is not None or cache.get(self.stop) is not None
+
+
+def generate_cached(
+    *,
+    backend: Backend,
+    prompt: Prompt,
+    params: SamplingParams,
+    reply_cache: ReplyCache,
+    on_text: Callable[[str], None],
+    cancelled: Callable[[], bool],
+) -> GenerationResult:
+    """The reply caches' answer when they hold one, else the model's (then cached)."""
+    # No connection is held while the model runs.
+    close_old_connections()
+    cached = reply_cache.lookup(prompt.ids)
+    if cached is not None:
+        result, text = cached
+        on_text(text)
+        return result
+    result = backend.generate(prompt, params, on_text=on_text, cancelled=cancelled)
+    reply_cache.store(result)
+    return result
+
+
+def deployment_for(*, deployment_id: int | None, alias: str) -> Deployment | None:
+    """The deployment routing chose (its id travels with the task); tasks queued before
+    routing named one carry no id, and the alias still says which."""
+    deployments = Deployment.objects.select_related("shadow_version")
+    deployment = deployments.filter(pk=deployment_id).first() if deployment_id else None
+    return deployment or deployments.filter(alias=alias).first()
+
+
+def deployment_is_canary(
+    deployment: Deployment | None, version: ModelVersion | None
+) -> bool | None:
+    """Whether the answer came from the deployment's canary version (None: no deployment)."""
+    if deployment is None or version is None:
+        return None
+    return deployment.canary_version_id is not None and deployment.canary_version_id == version.pk
+
+
+class Fate:
+    """What became of a finished answer, before it is saved (each caller maps these onto its
+    own statuses)."""
+
+    COMPLETE = "complete"
+    BLOCKED = "blocked"
+    HELD = "held"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    fate: str
+    # What the reader may see: the filtered answer, the held text kept for the reviewer, or "".
+    content: str
+    error: str
+    verdict: Verdict
+    # The review policy that holds (or samples) the answer, when one does.
+    review: PolicyMatch | None = None
+
+    @property
+    def safety_held(self) -> bool:
+        return self.verdict.action == Action.HOLD
+
+
+def outcome_decide(
+    *,
+    publisher: StreamPublisher,
+    result: GenerationResult,
+    review_match: Callable[[], PolicyMatch | None],
+) -> Outcome:
+    """The output filters' last word on the answer, then (for an answer that passed them) the
+    review policies'. `review_match` is asked only for a complete answer."""
+    verdict = publisher.verdict(result.text)
+    if verdict.action == Action.BLOCK:
+        error = f"The answer was stopped by the safety filter: {verdict.reason}."
+        return Outcome(Fate.BLOCKED, "", error, verdict)
+    if verdict.action == Action.HOLD:
+        # The full text is kept for the reviewer; the reader never sees it until approved.
+        return Outcome(Fate.HELD, result.text, f"Held for review: {verdict.reason}.", verdict)
+    if result.finish_reason == "cancelled":
+        return Outcome(Fate.CANCELLED, verdict.text, "", verdict)
+    review = review_match()
+    if review is not None and not review.deliver_now:
+        error = f"Held for review: {review.reason}."
+        return Outcome(Fate.HELD, verdict.text, error, verdict, review)
+    return Outcome(Fate.COMPLETE, verdict.text, "", verdict, review)
+
+
+def usage_observe(*, alias: str, version: object, outcome: str, result: GenerationResult) -> None:
+    """The serving metrics of one answer; the figures saved with it are these same ones."""
+    metrics.generation_observe(
+        deployment=alias,
+        version=str(version),
+        outcome="cached" if result.cache and outcome == Fate.COMPLETE else outcome,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        time_to_first_token_s=result.time_to_first_token_s,
+        tokens_per_second=result.tokens_per_second,
+        queue_wait_s=result.queue_wait_s,
+    )
+
+
+def usage_settle(*, reservation_id: int | None, result: GenerationResult) -> Decimal | None:
+    """Charge the answer's tokens against its reservation; a cached answer spent no model
+    time and is not charged. Call inside the transaction that saves the answer."""
+    if not reservation_id:
+        return None
+    return budget_settle(
+        reservation_id=reservation_id,
+        input_tokens=0 if result.cache else result.prompt_tokens,
+        output_tokens=0 if result.cache else result.completion_tokens,
+    )
