@@ -99,14 +99,23 @@ class UsageLimitInline(admin.StackedInline):
 class ApiKeyAddForm(forms.ModelForm):
     class Meta:
         model = ApiKey
-        fields = ("user", "name", "scopes", "expires_at")
+        fields = ("user", "name", "scopes", "allowed_models", "expires_at")
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     """Adding a key here creates its secret and shows it once; revoking is an action."""
 
-    list_display = ("name", "prefix", "user", "scopes", "expires_at", "revoked_at", "last_used_at")
+    list_display = (
+        "name",
+        "prefix",
+        "user",
+        "scopes",
+        "allowed_models",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    )
     list_filter = ("revoked_at", "expires_at")
     list_select_related = ("user",)
     search_fields = ("name", "prefix", "user__username")
@@ -137,6 +146,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             name=obj.name,
             scopes=obj.scopes,
             expires_at=obj.expires_at,
+            allowed_models=obj.allowed_models,
             actor=request.user,  # type: ignore[arg-type]
             ip=request_client_ip(request),
         )

@@ -51,6 +51,7 @@ def api_key_create(
     name: str,
     scopes: Iterable[str],
     expires_at: dt.datetime | None = None,
+    allowed_models: Iterable[str] = (),
     requests_per_minute: int | None = None,
     tokens_per_day: int | None = None,
     actor: User | None,
@@ -72,6 +73,7 @@ def api_key_create(
         secret_hash=_hash(raw),
         scopes=chosen,
         expires_at=expires_at,
+        allowed_models=sorted({m.strip() for m in allowed_models if m.strip()}),
     )
     api_key.full_clean()
     api_key.save()
