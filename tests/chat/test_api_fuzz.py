@@ -3,6 +3,8 @@
 generated for every operation, bounded to a few examples each so that it runs in about a
 minute."""
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +14,8 @@ from tests.chat.api_helpers import key_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_model")]
 
-EXAMPLES_PER_OPERATION = 12
+# More for a longer hunt: API_FUZZ_EXAMPLES=200 make test PYTEST_ARGS=tests/chat/test_api_fuzz.py
+EXAMPLES_PER_OPERATION = int(os.environ.get("API_FUZZ_EXAMPLES", "12"))
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
