@@ -45,7 +45,7 @@ from models_admin.store import artifact_dir  # noqa: E402
 ALIAS = "bench-api-overhead"
 QUEUE = f"bench-api-{os.getpid()}"
 LEVELS = [int(c) for c in os.environ.get("BENCH_CLIENTS", "1,10,50").split(",")]
-REQUESTS = {1: 40, 10: 100, 50: 200}
+REQUESTS = {1: int(os.environ.get("BENCH_REQUESTS_1", "40")), 10: 100, 50: 200}
 PROMPTS = [
     "What is the capital of France?",
     "Give me two tips for writing clear emails.",
@@ -84,8 +84,13 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ig
         time.sleep(0.2)
 
 
+# (sent, received, job id) per request, wall-clock seconds: the same clock as the rows' times.
+TRACES: dict[int, list[tuple[float, float, str]]] = {}
+
+
 async def api_run(base: str, key: str, clients: int, total: int) -> list[float]:
     latencies: list[float] = []
+    traces = TRACES.setdefault(clients, [])
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -102,10 +107,12 @@ async def api_run(base: str, key: str, clients: int, total: int) -> list[float]:
                     "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                     "max_tokens": 1,
                 }
+                sent = time.time()
                 started = time.perf_counter()
                 response = await client.post("/v1/chat/completions", json=body)
                 latencies.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200, response.text
+                traces.append((sent, time.time(), response.json()["id"]))
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
     return latencies
@@ -130,6 +137,32 @@ def engine_run(engine, version, clients: int, total: int) -> list[float]:  # typ
 
     with ThreadPoolExecutor(max_workers=clients) as pool:
         return list(pool.map(one, prompts))
+
+
+def stages(clients: int) -> list[tuple[str, float, float]]:
+    """Median and p95 (ms) of each stage of a request, from the job's own timestamps: into the
+    web process and admitted (sent -> row created), waiting for a worker (created -> claimed),
+    in the worker (claimed -> settled, the engine included), and back out (settled -> the
+    client has the response)."""
+    from chat.models import Job
+
+    rows = {
+        j.public_id: j
+        for j in Job.objects.filter(public_id__in=[t[2] for t in TRACES[clients]]).only(
+            "public_id", "created_at", "started_at", "finished_at"
+        )
+    }
+    spans: dict[str, list[float]] = {"in": [], "queue": [], "worker": [], "out": []}
+    for sent, received, public_id in TRACES[clients]:
+        job = rows[public_id]
+        assert job.started_at is not None and job.finished_at is not None
+        created, started = job.created_at.timestamp(), job.started_at.timestamp()
+        finished = job.finished_at.timestamp()
+        spans["in"].append((created - sent) * 1000)
+        spans["queue"].append((started - created) * 1000)
+        spans["worker"].append((finished - started) * 1000)
+        spans["out"].append((received - finished) * 1000)
+    return [(name, percentile(v, 0.5), percentile(v, 0.95)) for name, v in spans.items()]
 
 
 def main() -> None:
@@ -196,6 +229,19 @@ def main() -> None:
     print()
     print("All figures in milliseconds. 'added' = API percentile minus engine percentile.")
     print(f"mean API latency at 1 client: {statistics.mean(api[LEVELS[0]]):.1f} ms")
+    print()
+    print(f"Where a request's time goes at {LEVELS[0]} client(s) (from the job rows' timestamps):")
+    print()
+    print("| stage | median ms | p95 ms |")
+    print("| --- | ---: | ---: |")
+    labels = {
+        "in": "client sent -> job row created (web: auth, routing, filters, admission)",
+        "queue": "job created -> claimed by a worker (commit, enqueue, broker, pickup, lease)",
+        "worker": "claimed -> settled (engine, output filters, settle transaction)",
+        "out": "settled -> client has the response (event stream, row read, JSON)",
+    }
+    for name, median, p95 in stages(LEVELS[0]):
+        print(f"| {labels[name]} | {median:.1f} | {p95:.1f} |")
 
 
 if __name__ == "__main__":

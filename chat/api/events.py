@@ -5,7 +5,9 @@ A stream rather than a channel-layer group: a reader that subscribes late (the p
 it began to listen) still reads every event, in order. Entries expire with the stream.
 """
 
+import asyncio
 import json
+import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -28,6 +30,21 @@ def _client() -> redis.Redis:
     return _sync_client
 
 
+# One pool per event loop (an asyncio connection belongs to the loop that opened it): a reader
+# takes a connection for its blocking reads and gives it back, instead of connecting anew.
+_async_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.ConnectionPool]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _async_pool() -> aioredis.ConnectionPool:
+    loop = asyncio.get_running_loop()
+    pool = _async_pools.get(loop)
+    if pool is None:
+        pool = _async_pools[loop] = aioredis.ConnectionPool.from_url(settings.REDIS_URL)
+    return pool
+
+
 def job_event_publish(public_id: str, event: dict[str, Any]) -> None:
     client = _client()
     key = _key(public_id)
@@ -42,7 +59,7 @@ async def job_events_read(
 ) -> AsyncGenerator[dict[str, Any] | None, None]:
     """Every event of the job from the first; None after each `block_ms` without one, so the
     caller can look at the job's row (the stream may have expired) or give up."""
-    client = aioredis.Redis.from_url(settings.REDIS_URL)
+    client = aioredis.Redis(connection_pool=_async_pool())
     last = "0"
     try:
         while True:
