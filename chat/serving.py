@@ -84,7 +84,8 @@ def generate_cached(
     cancelled: Callable[[], bool],
 ) -> GenerationResult:
     """The reply caches' answer when they hold one, else the model's (then cached)."""
-    # No connection is held while the model runs.
+    # No transaction is open while the model runs; a broken or too old connection is dropped
+    # here rather than found broken at settle time.
     close_old_connections()
     cached = reply_cache.lookup(prompt.ids)
     if cached is not None:
@@ -148,7 +149,7 @@ def outcome_decide(
     review policies'. `review_match` is asked only for a complete answer."""
     verdict = publisher.verdict(result.text)
     if verdict.action == Action.BLOCK:
-        error = f"The answer was stopped by the safety filter: {verdict.reason}."
+        error = f"This answer was stopped by the safety filter: {verdict.reason}."
         return Outcome(Fate.BLOCKED, "", error, verdict)
     if verdict.action == Action.HOLD:
         # The full text is kept for the reviewer; the reader never sees it until approved.
