@@ -4,7 +4,6 @@ Database work happens in short transactions before and after the model call, nev
 """
 
 import logging
-from collections.abc import Callable
 from functools import partial
 
 from django.conf import settings
@@ -18,15 +17,16 @@ from chat.knowledge.citations import citations_store
 from chat.leases import HeartbeatLease
 from chat.models import Message
 from chat.reply_cache import ReplyCache
-from chat.review import answer_review_match, answer_review_may_hold, answer_review_queue
+from chat.review import answer_review_match, answer_review_queue
 from chat.services import answer_fail, lease_key, stop_key
 from chat.serving import (
     Fate,
+    Prepared,
     StreamPublisher,
     deployment_for,
     deployment_is_canary,
-    generate_cached,
     outcome_decide,
+    serve_routed,
     usage_observe,
     usage_settle,
 )
@@ -38,8 +38,6 @@ from models_admin import metrics
 from models_admin.backends import Backend, Prompt
 from models_admin.engine import EngineError, GenerationResult, SamplingParams
 from models_admin.models import ModelVersion
-from models_admin.resilience import serve_resilient
-from models_admin.routing import route_targets
 from models_admin.shadow import shadow_request
 
 logger = logging.getLogger(__name__)
@@ -110,24 +108,12 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
         )
         if chosen is None:
             raise EngineError("The answer has no model version.")
-        targets = route_targets(deployment=deployment, version=chosen) if deployment else [chosen]
 
-        def run(
-            target: ModelVersion,
-            backend: Backend,
-            on_text: Callable[[str], None],
-            cancelled: Callable[[], bool],
-        ) -> GenerationResult:
+        def prepare(target: ModelVersion, backend: Backend) -> Prepared:
             nonlocal built
             built = context_build_grounded(answer=answer, version=target, engine=backend)
-            publisher.live = not answer_review_may_hold(
-                deployment_id=deployment_id,
-                model_version_id=target.pk,
-                passages=built.passages,
-                canary=deployment_is_canary(deployment, target),
-            )
             if built.no_match_answer is not None:
-                return GenerationResult(
+                no_match = GenerationResult(
                     text=built.no_match_answer,
                     prompt_tokens=0,
                     completion_tokens=0,
@@ -135,6 +121,7 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                     time_to_first_token_s=0.0,
                     tokens_per_second=0.0,
                 )
+                return Prepared(passages=built.passages, answer=no_match)
             params = SamplingParams(
                 max_tokens=target.max_output_tokens,
                 temperature=target.temperature,
@@ -148,21 +135,15 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                 prompt_ids=built.prompt_ids,
                 params=params,
             )
-            return generate_cached(
-                backend=backend,
+            return Prepared(
                 prompt=Prompt(ids=built.prompt_ids, messages=built.messages),
                 params=params,
                 reply_cache=reply_cache,
-                on_text=on_text,
-                cancelled=cancelled,
+                passages=built.passages,
             )
 
-        served = serve_resilient(
-            targets=targets,
-            run=run,
-            on_text=publisher.on_text,
-            cancelled=publisher.cancelled,
-            hedge_after_ms=deployment.hedge_after_ms if deployment else None,
+        served = serve_routed(
+            deployment=deployment, chosen=chosen, publisher=publisher, prepare=prepare
         )
         result, version = served.result, served.version
         publisher.flush()

@@ -19,6 +19,7 @@ from governance.models import ReviewItem, ReviewPolicy, SafetyHold
 from governance.review_policies import (
     AnswerFacts,
     PolicyMatch,
+    review_match_or_safety_hold,
     review_policy_for_event,
     review_policy_match,
     review_policy_may_hold,
@@ -100,14 +101,9 @@ def answer_review_queue(
     mean_logprob: float | None,
 ) -> ReviewItem:
     """Queue a held (or sampled) answer; call inside the transaction that settles it."""
-    if match is None:
-        assert safety_hold is not None, "an answer is queued by a policy or by a safety hold"
-        match = PolicyMatch(
-            policy=review_policy_for_event(
-                kind=ReviewPolicy.Kind.SAFETY_HOLD, deployment_id=deployment_id
-            ),
-            reason=f"safety filter '{safety_hold.filter}': {safety_hold.reason}",
-        )
+    match = review_match_or_safety_hold(
+        match=match, safety_hold=safety_hold, deployment_id=deployment_id
+    )
     return review_item_create(
         policy=match.policy,
         reason=match.reason,

@@ -1,6 +1,6 @@
 """What a chat turn and an API job share on the worker: streaming through the output filters,
-one request against one routed target (reply caches, then the model), deciding what became of
-the answer, and settling its cost and metrics.
+serving down the routed targets (reply caches, then the model), deciding what became of the
+answer, and settling its cost and metrics.
 
 `chat.generation` (turns) and `chat.api.generation` (jobs) differ in how the prompt is built and
 where the answer goes; everything here is the same for both.
@@ -8,14 +8,16 @@ where the answer goes; everything here is the same for both.
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.conf import settings
 from django.core.cache import cache
 from django.db import close_old_connections
 
+from chat.knowledge.retrieval import Passage
 from chat.reply_cache import ReplyCache
+from chat.review import answer_review_may_hold
 from governance.budgets import budget_settle
 from governance.review_policies import PolicyMatch
 from governance.safety.base import Action
@@ -24,6 +26,8 @@ from models_admin import metrics
 from models_admin.backends import Backend, Prompt
 from models_admin.engine import GenerationResult, SamplingParams
 from models_admin.models import Deployment, ModelVersion
+from models_admin.resilience import Served, serve_resilient
+from models_admin.routing import route_targets
 
 
 class StreamPublisher:
@@ -74,27 +78,69 @@ class StreamPublisher:
         return self.trip is not None or cache.get(self.stop) is not None
 
 
-def generate_cached(
+@dataclass(frozen=True)
+class Prepared:
+    """One target's request: the prompt, sampling and reply cache to answer it with, or an
+    answer that needs no model (a grounded turn with no matching passage)."""
+
+    prompt: Prompt | None = None
+    params: SamplingParams | None = None
+    reply_cache: ReplyCache | None = None
+    passages: list[Passage] = field(default_factory=list)
+    answer: GenerationResult | None = None
+
+
+def serve_routed(
     *,
-    backend: Backend,
-    prompt: Prompt,
-    params: SamplingParams,
-    reply_cache: ReplyCache,
-    on_text: Callable[[str], None],
-    cancelled: Callable[[], bool],
-) -> GenerationResult:
-    """The reply caches' answer when they hold one, else the model's (then cached)."""
-    # No transaction is open while the model runs; a broken or too old connection is dropped
-    # here rather than found broken at settle time.
-    close_old_connections()
-    cached = reply_cache.lookup(prompt.ids)
-    if cached is not None:
-        result, text = cached
-        on_text(text)
+    deployment: Deployment | None,
+    chosen: ModelVersion,
+    publisher: StreamPublisher,
+    prepare: Callable[[ModelVersion, Backend], Prepared],
+) -> Served:
+    """Answer from the routed version or, when it cannot, down the deployment's fallback chain
+    (`serve_resilient`). Per target: `prepare` builds the request with that target's tokenizer
+    and settings; nothing is streamed when a review policy could hold the answer; the reply
+    caches answer before the model does."""
+    targets = route_targets(deployment=deployment, version=chosen) if deployment else [chosen]
+    deployment_id = deployment.pk if deployment is not None else None
+
+    def run(
+        target: ModelVersion,
+        backend: Backend,
+        on_text: Callable[[str], None],
+        cancelled: Callable[[], bool],
+    ) -> GenerationResult:
+        prepared = prepare(target, backend)
+        publisher.live = not answer_review_may_hold(
+            deployment_id=deployment_id,
+            model_version_id=target.pk,
+            passages=prepared.passages,
+            canary=deployment_is_canary(deployment, target),
+        )
+        if prepared.answer is not None:
+            return prepared.answer
+        assert prepared.prompt and prepared.params and prepared.reply_cache
+        # No transaction is open while the model runs; a broken or too old connection is
+        # dropped here rather than found broken at settle time.
+        close_old_connections()
+        cached = prepared.reply_cache.lookup(prepared.prompt.ids)
+        if cached is not None:
+            result, text = cached
+            on_text(text)
+            return result
+        result = backend.generate(
+            prepared.prompt, prepared.params, on_text=on_text, cancelled=cancelled
+        )
+        prepared.reply_cache.store(result)
         return result
-    result = backend.generate(prompt, params, on_text=on_text, cancelled=cancelled)
-    reply_cache.store(result)
-    return result
+
+    return serve_resilient(
+        targets=targets,
+        run=run,
+        on_text=publisher.on_text,
+        cancelled=publisher.cancelled,
+        hedge_after_ms=deployment.hedge_after_ms if deployment else None,
+    )
 
 
 def deployment_for(*, deployment_id: int | None, alias: str) -> Deployment | None:

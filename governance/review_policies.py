@@ -3,7 +3,7 @@
 import random
 from dataclasses import dataclass, field
 
-from governance.models import ReviewPolicy
+from governance.models import ReviewPolicy, SafetyHold
 
 Kind = ReviewPolicy.Kind
 
@@ -117,3 +117,17 @@ def review_policy_for_event(*, kind: str, deployment_id: int | None) -> ReviewPo
             kind=kind, deployment=None, defaults={"name": _DEFAULT_NAMES.get(kind, kind)}
         )
     return policy
+
+
+def review_match_or_safety_hold(
+    *, match: PolicyMatch | None, safety_hold: SafetyHold | None, deployment_id: int | None
+) -> PolicyMatch:
+    """What queues an answer: the review policy that matched it or, for an answer a safety
+    filter held, the safety-hold policy with the filter's reason."""
+    if match is not None:
+        return match
+    assert safety_hold is not None, "an answer is queued by a policy or by a safety hold"
+    return PolicyMatch(
+        policy=review_policy_for_event(kind=Kind.SAFETY_HOLD, deployment_id=deployment_id),
+        reason=f"safety filter '{safety_hold.filter}': {safety_hold.reason}",
+    )

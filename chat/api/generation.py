@@ -8,7 +8,6 @@ so the job completes once.
 """
 
 import logging
-from collections.abc import Callable
 from functools import partial
 
 from django.conf import settings
@@ -23,14 +22,15 @@ from chat.api.services import job_cancel_key, job_lease_key
 from chat.leases import HeartbeatLease
 from chat.models import Job
 from chat.reply_cache import ReplyCache
-from chat.review import answer_review_match, answer_review_may_hold
+from chat.review import answer_review_match
 from chat.serving import (
     Fate,
+    Prepared,
     StreamPublisher,
     deployment_for,
     deployment_is_canary,
-    generate_cached,
     outcome_decide,
+    serve_routed,
     usage_observe,
     usage_settle,
 )
@@ -41,10 +41,9 @@ from governance.models import SafetyHold
 from governance.safety.policy import safety_output_pipeline
 from models_admin import metrics
 from models_admin.backends import Backend, Prompt, backend_for
-from models_admin.engine import EngineError, GenerationResult, SamplingParams
+from models_admin.engine import EngineError, SamplingParams
 from models_admin.models import Deployment, ModelVersion
-from models_admin.resilience import Served, serve_resilient
-from models_admin.routing import route_targets
+from models_admin.resilience import Served
 from models_admin.shadow import shadow_request
 
 logger = logging.getLogger(__name__)
@@ -161,20 +160,8 @@ def _generate(job: Job, deployment_id: int | None) -> None:
             seed=request["seed"],
             stop=tuple(request["stop"]),
         )
-        targets = route_targets(deployment=deployment, version=chosen) if deployment else [chosen]
 
-        def run(
-            target: ModelVersion,
-            backend: Backend,
-            on_text: Callable[[str], None],
-            cancelled: Callable[[], bool],
-        ) -> GenerationResult:
-            publisher.live = not answer_review_may_hold(
-                deployment_id=deployment_id,
-                model_version_id=target.pk,
-                passages=[],
-                canary=deployment_is_canary(deployment, target),
-            )
+        def prepare(target: ModelVersion, backend: Backend) -> Prepared:
             prompt_ids = backend.encode_chat(request["messages"])
             reply_cache = ReplyCache.for_request(
                 version=target,
@@ -183,21 +170,14 @@ def _generate(job: Job, deployment_id: int | None) -> None:
                 prompt_ids=prompt_ids,
                 params=params,
             )
-            return generate_cached(
-                backend=backend,
+            return Prepared(
                 prompt=Prompt(ids=prompt_ids, messages=request["messages"]),
                 params=params,
                 reply_cache=reply_cache,
-                on_text=on_text,
-                cancelled=cancelled,
             )
 
-        served = serve_resilient(
-            targets=targets,
-            run=run,
-            on_text=publisher.on_text,
-            cancelled=publisher.cancelled,
-            hedge_after_ms=deployment.hedge_after_ms if deployment else None,
+        served = serve_routed(
+            deployment=deployment, chosen=chosen, publisher=publisher, prepare=prepare
         )
         version = served.version
         publisher.flush()

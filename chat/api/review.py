@@ -14,8 +14,8 @@ from django.db import transaction
 
 from chat.api.events import job_event_publish
 from chat.models import Job
-from governance.models import ReviewItem, ReviewPolicy, SafetyHold
-from governance.review_policies import PolicyMatch, review_policy_for_event
+from governance.models import ReviewItem, SafetyHold
+from governance.review_policies import PolicyMatch, review_match_or_safety_hold
 from governance.review_queue import review_item_create
 from governance.review_targets import ReviewContext
 
@@ -32,14 +32,9 @@ def job_review_queue(
     mean_logprob: float | None,
 ) -> ReviewItem:
     """Queue a held (or sampled) job's answer; call inside the transaction that settles it."""
-    if match is None:
-        assert safety_hold is not None, "a job is queued by a policy or by a safety hold"
-        match = PolicyMatch(
-            policy=review_policy_for_event(
-                kind=ReviewPolicy.Kind.SAFETY_HOLD, deployment_id=deployment_id
-            ),
-            reason=f"safety filter '{safety_hold.filter}': {safety_hold.reason}",
-        )
+    match = review_match_or_safety_hold(
+        match=match, safety_hold=safety_hold, deployment_id=deployment_id
+    )
     return review_item_create(
         policy=match.policy,
         reason=match.reason,

@@ -16,12 +16,10 @@ from governance.review_queue import (
     review_item_claim_next,
     review_item_decide,
 )
-from models_admin.models import Deployment, DeploymentFallback
+from models_admin.models import Deployment
 from tests.chat.api_helpers import http, key_for
-from tests.chat.test_fallback_and_shadow import _dead_url
-from tests.conftest import REMOTE_KEY_ENV
+from tests.chat.test_fallback_and_shadow import primary_down_with_fallback
 from tests.factories import user_create
-from tests.models_admin.registry_helpers import remote_version_create
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_model")]
 
@@ -37,18 +35,7 @@ def _job_done(api, job_id: str, timeout: float = 120) -> dict:  # type: ignore[n
 
 
 def test_a_job_falls_back_when_its_primary_is_down(live_asgi_server: str, chat_model) -> None:  # type: ignore[no-untyped-def]
-    primary = remote_version_create(
-        base_url=_dead_url(),
-        version="remote-down",
-        api_key_env=REMOTE_KEY_ENV,
-        max_retries=0,
-        max_output_tokens=24,
-        temperature=0,
-    )
-    deployment = Deployment.objects.get(alias="chat-default")
-    deployment.primary_version = primary
-    deployment.save()
-    DeploymentFallback.objects.create(deployment=deployment, version=chat_model)
+    primary = primary_down_with_fallback(chat_model, version="remote-down")
 
     with http(live_asgi_server, key_for()) as api:
         response = api.post(

@@ -27,6 +27,26 @@ def _dead_url() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
+def primary_down_with_fallback(
+    fallback: ModelVersion, *, version: str = "remote-primary", **fields: object
+) -> ModelVersion:
+    """chat-default's primary becomes a remote version nobody listens for, `fallback` behind."""
+    primary = remote_version_create(
+        base_url=_dead_url(),
+        version=version,
+        api_key_env=REMOTE_KEY_ENV,
+        max_retries=0,
+        max_output_tokens=24,
+        temperature=0,
+        **fields,
+    )
+    deployment = Deployment.objects.get(alias="chat-default")
+    deployment.primary_version = primary
+    deployment.save()
+    DeploymentFallback.objects.create(deployment=deployment, version=fallback)
+    return primary
+
+
 def _answered(user, conversation_id: int, text: str, timeout: float = 120) -> Message:  # type: ignore[no-untyped-def]
     outcome = turn_submit(user=user, conversation_id=conversation_id, text=text)
     assert outcome.answer is not None
@@ -48,20 +68,8 @@ def test_turns_fall_back_while_the_primary_is_down_and_its_breaker_is_shared_by_
     openai_server: RemoteServer,
 ) -> None:
     _, spare_queue = spare_worker
-    primary = remote_version_create(
-        base_url=_dead_url(),
-        version="remote-primary",
-        api_key_env=REMOTE_KEY_ENV,
-        max_retries=0,
-        breaker_failures=2,
-        breaker_cooldown_s=3,
-        max_output_tokens=24,
-        temperature=0,
-    )
+    primary = primary_down_with_fallback(chat_model, breaker_failures=2, breaker_cooldown_s=3)
     deployment = Deployment.objects.get(alias="chat-default")
-    deployment.primary_version = primary
-    deployment.save()
-    DeploymentFallback.objects.create(deployment=deployment, version=chat_model)
     user = user_create(username="carol")
     conversation = conversation_create(user=user)
 
