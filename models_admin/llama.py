@@ -159,10 +159,13 @@ class LlamaRunner:
         self.final_norm = inner.norm.weight.detach().to(device, dtype)
         self.lm_head = lin(hf_model.lm_head)
 
+        # One position past the context window: decode padding rows write there, and no
+        # attention span ever covers the whole cache (see `scratch`).
+        self.scratch = max_len
         rotary = inner.rotary_emb
         inv_freq = rotary.inv_freq.detach().float().to(device)
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        positions = torch.arange(max_len, device=device, dtype=torch.float32)
+        positions = torch.arange(max_len + 1, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * scaling).to(dtype)
@@ -187,7 +190,10 @@ class LlamaRunner:
             # prompt of a new length arrives); flash / memory-efficient kernels need none.
             torch.backends.cuda.enable_cudnn_sdp(False)
 
-        shape = (max_batch, self.n_kv, max_len, self.head_dim)
+        # The extra position keeps `cache[:b, :, :span]` a strided view for every span: a
+        # compiled step guards on whether that view is contiguous, and a span of the whole
+        # cache would compile the step again (minutes for a 30-layer model) mid-serving.
+        shape = (max_batch, self.n_kv, max_len + 1, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
 
@@ -198,7 +204,8 @@ class LlamaRunner:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-        return per_token * max_batch * max_len * torch.tensor([], dtype=dtype).element_size()
+        positions = max_len + 1  # one scratch position per slot
+        return per_token * max_batch * positions * torch.tensor([], dtype=dtype).element_size()
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -346,9 +353,8 @@ class LlamaRunner:
     # -- CUDA graphs ---------------------------------------------------------------------------
     # A decode step is ~10 small kernels per layer; launched one by one from Python, a step of
     # a small model costs more in launches than in arithmetic. Each (batch, span) bucket is
-    # captured once, greedy picks included, and replayed. Padding rows use free slots and a
-    # scratch position (the last one, which a sequence never writes: it ends when it reaches
-    # max_len).
+    # captured once, greedy picks included, and replayed. Padding rows use free slots and the
+    # scratch position past the context window, which no sequence reaches.
 
     def _bucket(self, value: int, smallest: int, largest: int) -> int:
         size = smallest
@@ -366,7 +372,7 @@ class LlamaRunner:
         if graph is None:
             graph = _DecodeGraph(self, batch, span_bucket)
             self._graphs[(batch, span_bucket)] = graph
-        scratch = self.max_len - 1
+        scratch = self.scratch
         pad = batch - b
         if token_ids is None:
             graph.ids[:b].copy_(self._last_tokens[:b])
@@ -409,7 +415,7 @@ class _DecodeGraph:
 
     def __init__(self, runner: LlamaRunner, batch: int, span: int):
         device = runner.device
-        scratch = runner.max_len - 1
+        scratch = runner.scratch
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         # Capture writes the cache at the inputs' positions: point them at the scratch one.
         self.pos = torch.full((batch,), scratch, dtype=torch.long, device=device)
