@@ -108,6 +108,7 @@ class LlamaRunner:
         max_len: int,
         cpu_fp16_weights: bool = True,
         compile_steps: bool = False,
+        compile_scope: str = "model",
     ):
         config = hf_model.config
         architectures = set(getattr(config, "architectures", None) or [])
@@ -179,12 +180,22 @@ class LlamaRunner:
         # launches from Python: an eager prefill of a 1B model spends ~12 ms launching its
         # kernels on the H100's host). Symbolic shapes: one compilation serves every batch,
         # prompt length and graph bucket (sizes 1 get their own, made by `warm_up`).
-        self.decode_body: Any = self._decode_body
-        self.prefill_body: Any = self._prefill_body
+        # Scope "model" compiles each forward whole; "layer" compiles one layer, which every
+        # layer then reuses (its weights are arguments), plus the logits. Inductor's time grows
+        # faster than the graph: a whole 30-layer decode step took about 210 s to compile on
+        # the 2-core CPU against 87 s for 16 layers; one layer costs the same at any depth.
+        if compile_scope not in ("model", "layer"):
+            raise ValueError(f"compile_scope is 'model' or 'layer', not {compile_scope!r}")
+        self.compile_scope = compile_scope
         self.compiled = compile_steps
-        if compile_steps:
+        self._plain_forwards()
+        if compile_steps and compile_scope == "model":
             self.decode_body = torch.compile(self._decode_body, dynamic=True)
             self.prefill_body = torch.compile(self._prefill_body, dynamic=True)
+        elif compile_steps:
+            self.decode_layer = torch.compile(self._decode_layer, dynamic=True)
+            self.prefill_layer = torch.compile(self._prefill_layer, dynamic=True)
+            self.logits = torch.compile(self._logits, dynamic=True)
         if device.type == "cuda":
             # cuDNN's attention builds a plan per new sequence length (tens of ms each time a
             # prompt of a new length arrives); flash / memory-efficient kernels need none.
@@ -196,6 +207,13 @@ class LlamaRunner:
         shape = (max_batch, self.n_kv, max_len + 1, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+
+    def _plain_forwards(self) -> None:
+        self.decode_body: Any = self._decode_body
+        self.prefill_body: Any = self._prefill_body
+        self.decode_layer: Any = self._decode_layer
+        self.prefill_layer: Any = self._prefill_layer
+        self.logits: Any = self._logits
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -233,9 +251,10 @@ class LlamaRunner:
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
     def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's output, not yet added to `h` (see `_decode_layer`)."""
         gate_up = layer.gate_up(self._norm(h, layer.mlp_norm))
         gate, up = gate_up.chunk(2, dim=-1)
-        return h + layer.down(F.silu(gate) * up)
+        return layer.down(F.silu(gate) * up)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._norm(h, self.final_norm)).float()
@@ -287,17 +306,37 @@ class LlamaRunner:
         h = self.embed[ids].reshape(n * t, -1)
         cos = self.cos[:t].repeat(n, 1).unsqueeze(1)
         sin = self.sin[:t].repeat(n, 1).unsqueeze(1)
+        delta = torch.zeros_like(h)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-            self.k_cache[i][rows, :, :t] = k
-            self.v_cache[i][rows, :, :t] = v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            h = h + layer.o(attn.transpose(1, 2).reshape(n * t, -1))
-            h = self._mlp(layer, h)
-        return self._logits(h[last])
+            h, delta = self.prefill_layer(
+                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, ids, rows
+            )
+        return self.logits((h + delta)[last])
+
+    def _prefill_layer(
+        self,
+        layer: _Layer,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        h: torch.Tensor,
+        delta: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of the prefill over [n * t] token rows (`ids` [n, t] gives n and t)."""
+        n, t = ids.shape
+        h = h + delta
+        q, k, v = self._qkv(layer, h, cos, sin)
+        q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+        k_cache[rows, :, :t] = k
+        v_cache[rows, :, :t] = v
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + layer.o(attn.transpose(1, 2).reshape(n * t, -1))
+        return h, self._mlp(layer, h)
 
     def _decode_body(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """The decode step on tensors: logits [B, V] (CUDA captures it as a graph)."""
@@ -311,20 +350,43 @@ class LlamaRunner:
         visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
-        group = self.n_heads // self.n_kv
+        # Each layer hands its MLP output on unadded: the next layer adds it just before its
+        # norm, so that compiled one layer at a time, the add and the norm still fuse.
+        delta = torch.zeros_like(h)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            self.k_cache[i][rows, :, pos] = k
-            self.v_cache[i][rows, :, pos] = v
-            # Grouped-query attention without expanding the cache: the query heads that share
-            # a KV head take the place of the query length (one token each).
-            q = q.view(b, self.n_kv, group, self.head_dim)
-            keys = self.k_cache[i][:b, :, :span]
-            values = self.v_cache[i][:b, :, :span]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            h = h + layer.o(attn.reshape(b, -1))
-            h = self._mlp(layer, h)
-        return self._logits(h)
+            h, delta = self.decode_layer(
+                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, rows, pos, mask
+            )
+        return self.logits(h + delta)
+
+    def _decode_layer(
+        self,
+        layer: _Layer,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        h: torch.Tensor,
+        delta: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of the decode step: (h, MLP output) for the next layer to add."""
+        b = h.shape[0]
+        span = mask.shape[-1]
+        h = h + delta
+        q, k, v = self._qkv(layer, h, cos, sin)
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = v
+        # Grouped-query attention without expanding the cache: the query heads that share a KV
+        # head take the place of the query length (one token each).
+        q = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        keys = k_cache[:b, :, :span]
+        values = v_cache[:b, :, :span]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        h = h + layer.o(attn.reshape(b, -1))
+        return h, self._mlp(layer, h)
 
     @property
     def asynchronous(self) -> bool:
@@ -399,7 +461,7 @@ class LlamaRunner:
                 raise
             logger.exception("torch.compile failed; serving with the plain forwards")
             self.compiled = False
-            self.decode_body, self.prefill_body = self._decode_body, self._prefill_body
+            self._plain_forwards()
             self._graphs.clear()
 
     @torch.inference_mode()

@@ -46,3 +46,26 @@ def test_engine_decode_step_at_the_longest_span_reuses_the_compiled_step() -> No
             eager.append(runner._decode_body(ids, pos, span))
             assert torch.allclose(step(ids, pos, span), eager[-1], atol=1e-5)
     assert counter.frame_count == 1
+
+
+def test_engine_layers_compiled_one_at_a_time_share_one_compilation() -> None:
+    compiled, plain = _runner(max_len=256), _runner(max_len=256)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled.decode_layer = torch.compile(compiled._decode_layer, dynamic=True, backend=counter)
+    compiled.prefill_layer = torch.compile(compiled._prefill_layer, dynamic=True, backend=counter)
+    prompts, slots, last = (
+        torch.arange(1, 41).view(2, 20),
+        torch.tensor([0, 1]),
+        torch.tensor([19, 39]),
+    )
+    ids, pos = torch.tensor([5, 6]), torch.tensor([20, 20])
+    with torch.inference_mode():
+        for runner in (compiled, plain):
+            first = runner.prefill_body(prompts, slots, last)
+            step = runner.decode_body(ids, pos, 128)
+            if runner is compiled:
+                expected_first, expected_step = first, step
+    assert counter.frame_count == 2  # one per forward, not one per layer
+    assert torch.allclose(first, expected_first, atol=1e-5)
+    assert torch.allclose(step, expected_step, atol=1e-5)
