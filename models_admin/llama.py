@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class LlamaRunner:
         cpu_fp16_weights: bool = True,
         compile_steps: bool = False,
         compile_scope: str = "model",
+        compile_backend: Any = "inductor",
     ):
         config = hf_model.config
         architectures = set(getattr(config, "architectures", None) or [])
@@ -189,13 +191,22 @@ class LlamaRunner:
         self.compile_scope = compile_scope
         self.compiled = compile_steps
         self._plain_forwards()
-        if compile_steps and compile_scope == "model":
-            self.decode_body = torch.compile(self._decode_body, dynamic=True)
-            self.prefill_body = torch.compile(self._prefill_body, dynamic=True)
-        elif compile_steps:
-            self.decode_layer = torch.compile(self._decode_layer, dynamic=True)
-            self.prefill_layer = torch.compile(self._prefill_layer, dynamic=True)
-            self.logits = torch.compile(self._logits, dynamic=True)
+        if compile_steps:
+            # Sizes equal at the first compilation would otherwise share one symbol, and the
+            # compiled forward would hold them equal: warmed up with 2 rows, a model of 2 KV
+            # heads (Qwen2-0.5B) compiled its decode step again for every other batch size.
+            fx_config.use_duck_shape = False
+
+            def compiled(fn: Any) -> Any:
+                return torch.compile(fn, dynamic=True, backend=compile_backend)
+
+            if compile_scope == "model":
+                self.decode_body = compiled(self._decode_body)
+                self.prefill_body = compiled(self._prefill_body)
+            else:
+                self.decode_layer = compiled(self._decode_layer)
+                self.prefill_layer = compiled(self._prefill_layer)
+                self.logits = compiled(self._logits)
         if device.type == "cuda":
             # cuDNN's attention builds a plan per new sequence length (tens of ms each time a
             # prompt of a new length arrives); flash / memory-efficient kernels need none.
