@@ -194,7 +194,7 @@ class LlamaRunner:
         if compile_steps:
             # Sizes equal at the first compilation would otherwise share one symbol, and the
             # compiled forward would hold them equal: warmed up with 2 rows, a model of 2 KV
-            # heads (Qwen2-0.5B) compiled its decode step again for every other batch size.
+            # heads (as Qwen2-0.5B has) compiled its decode step again for every other batch size.
             fx_config.use_duck_shape = False
 
             def compiled(fn: Any) -> Any:
