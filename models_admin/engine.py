@@ -189,6 +189,7 @@ class Engine:
             cpu_fp16_weights=cpu_fp16_weights,
             # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
             compile_steps=self.device.type == "cuda" and os.environ.get("ENGINE_COMPILE") != "0",
+            compile_scope=os.environ.get("ENGINE_COMPILE_SCOPE", "model"),
         )
         self.runner.warm_up()
         del hf_model

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class LlamaRunner:
         max_len: int,
         cpu_fp16_weights: bool = True,
         compile_steps: bool = False,
+        compile_scope: str = "model",
+        compile_backend: Any = "inductor",
     ):
         config = hf_model.config
         architectures = set(getattr(config, "architectures", None) or [])
@@ -159,10 +162,13 @@ class LlamaRunner:
         self.final_norm = inner.norm.weight.detach().to(device, dtype)
         self.lm_head = lin(hf_model.lm_head)
 
+        # One position past the context window: decode padding rows write there, and no
+        # attention span ever covers the whole cache (see `scratch`).
+        self.scratch = max_len
         rotary = inner.rotary_emb
         inv_freq = rotary.inv_freq.detach().float().to(device)
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        positions = torch.arange(max_len, device=device, dtype=torch.float32)
+        positions = torch.arange(max_len + 1, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos = (emb.cos() * scaling).to(dtype)
@@ -176,20 +182,49 @@ class LlamaRunner:
         # launches from Python: an eager prefill of a 1B model spends ~12 ms launching its
         # kernels on the H100's host). Symbolic shapes: one compilation serves every batch,
         # prompt length and graph bucket (sizes 1 get their own, made by `warm_up`).
-        self.decode_body: Any = self._decode_body
-        self.prefill_body: Any = self._prefill_body
+        # Scope "model" compiles each forward whole; "layer" compiles one layer, which every
+        # layer then reuses (its weights are arguments), plus the logits. Inductor's time grows
+        # faster than the graph: a whole 30-layer decode step took about 210 s to compile on
+        # the 2-core CPU against 87 s for 16 layers; one layer costs the same at any depth.
+        if compile_scope not in ("model", "layer"):
+            raise ValueError(f"compile_scope is 'model' or 'layer', not {compile_scope!r}")
+        self.compile_scope = compile_scope
         self.compiled = compile_steps
+        self._plain_forwards()
         if compile_steps:
-            self.decode_body = torch.compile(self._decode_body, dynamic=True)
-            self.prefill_body = torch.compile(self._prefill_body, dynamic=True)
+            # Sizes equal at the first compilation would otherwise share one symbol, and the
+            # compiled forward would hold them equal: warmed up with 2 rows, a model of 2 KV
+            # heads (as Qwen2-0.5B has) compiled its decode step again for every other batch size.
+            fx_config.use_duck_shape = False
+
+            def compiled(fn: Any) -> Any:
+                return torch.compile(fn, dynamic=True, backend=compile_backend)
+
+            if compile_scope == "model":
+                self.decode_body = compiled(self._decode_body)
+                self.prefill_body = compiled(self._prefill_body)
+            else:
+                self.decode_layer = compiled(self._decode_layer)
+                self.prefill_layer = compiled(self._prefill_layer)
+                self.logits = compiled(self._logits)
         if device.type == "cuda":
             # cuDNN's attention builds a plan per new sequence length (tens of ms each time a
             # prompt of a new length arrives); flash / memory-efficient kernels need none.
             torch.backends.cuda.enable_cudnn_sdp(False)
 
-        shape = (max_batch, self.n_kv, max_len, self.head_dim)
+        # The extra position keeps `cache[:b, :, :span]` a strided view for every span: a
+        # compiled step guards on whether that view is contiguous, and a span of the whole
+        # cache would compile the step again (minutes for a 30-layer model) mid-serving.
+        shape = (max_batch, self.n_kv, max_len + 1, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+
+    def _plain_forwards(self) -> None:
+        self.decode_body: Any = self._decode_body
+        self.prefill_body: Any = self._prefill_body
+        self.decode_layer: Any = self._decode_layer
+        self.prefill_layer: Any = self._prefill_layer
+        self.logits: Any = self._logits
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -198,7 +233,8 @@ class LlamaRunner:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-        return per_token * max_batch * max_len * torch.tensor([], dtype=dtype).element_size()
+        positions = max_len + 1  # one scratch position per slot
+        return per_token * max_batch * positions * torch.tensor([], dtype=dtype).element_size()
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -226,9 +262,10 @@ class LlamaRunner:
         return self._rope(q, cos, sin), self._rope(k, cos, sin), v
 
     def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's output, not yet added to `h` (see `_decode_layer`)."""
         gate_up = layer.gate_up(self._norm(h, layer.mlp_norm))
         gate, up = gate_up.chunk(2, dim=-1)
-        return h + layer.down(F.silu(gate) * up)
+        return layer.down(F.silu(gate) * up)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self._norm(h, self.final_norm)).float()
@@ -280,17 +317,37 @@ class LlamaRunner:
         h = self.embed[ids].reshape(n * t, -1)
         cos = self.cos[:t].repeat(n, 1).unsqueeze(1)
         sin = self.sin[:t].repeat(n, 1).unsqueeze(1)
+        delta = torch.zeros_like(h)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
-            self.k_cache[i][rows, :, :t] = k
-            self.v_cache[i][rows, :, :t] = v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            h = h + layer.o(attn.transpose(1, 2).reshape(n * t, -1))
-            h = self._mlp(layer, h)
-        return self._logits(h[last])
+            h, delta = self.prefill_layer(
+                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, ids, rows
+            )
+        return self.logits((h + delta)[last])
+
+    def _prefill_layer(
+        self,
+        layer: _Layer,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        h: torch.Tensor,
+        delta: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of the prefill over [n * t] token rows (`ids` [n, t] gives n and t)."""
+        n, t = ids.shape
+        h = h + delta
+        q, k, v = self._qkv(layer, h, cos, sin)
+        q = q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
+        k_cache[rows, :, :t] = k
+        v_cache[rows, :, :t] = v
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + layer.o(attn.transpose(1, 2).reshape(n * t, -1))
+        return h, self._mlp(layer, h)
 
     def _decode_body(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """The decode step on tensors: logits [B, V] (CUDA captures it as a graph)."""
@@ -304,20 +361,43 @@ class LlamaRunner:
         visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
-        group = self.n_heads // self.n_kv
+        # Each layer hands its MLP output on unadded: the next layer adds it just before its
+        # norm, so that compiled one layer at a time, the add and the norm still fuse.
+        delta = torch.zeros_like(h)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            self.k_cache[i][rows, :, pos] = k
-            self.v_cache[i][rows, :, pos] = v
-            # Grouped-query attention without expanding the cache: the query heads that share
-            # a KV head take the place of the query length (one token each).
-            q = q.view(b, self.n_kv, group, self.head_dim)
-            keys = self.k_cache[i][:b, :, :span]
-            values = self.v_cache[i][:b, :, :span]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            h = h + layer.o(attn.reshape(b, -1))
-            h = self._mlp(layer, h)
-        return self._logits(h)
+            h, delta = self.decode_layer(
+                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, rows, pos, mask
+            )
+        return self.logits(h + delta)
+
+    def _decode_layer(
+        self,
+        layer: _Layer,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        h: torch.Tensor,
+        delta: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of the decode step: (h, MLP output) for the next layer to add."""
+        b = h.shape[0]
+        span = mask.shape[-1]
+        h = h + delta
+        q, k, v = self._qkv(layer, h, cos, sin)
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = v
+        # Grouped-query attention without expanding the cache: the query heads that share a KV
+        # head take the place of the query length (one token each).
+        q = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        keys = k_cache[:b, :, :span]
+        values = v_cache[:b, :, :span]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        h = h + layer.o(attn.reshape(b, -1))
+        return h, self._mlp(layer, h)
 
     @property
     def asynchronous(self) -> bool:
@@ -346,9 +426,8 @@ class LlamaRunner:
     # -- CUDA graphs ---------------------------------------------------------------------------
     # A decode step is ~10 small kernels per layer; launched one by one from Python, a step of
     # a small model costs more in launches than in arithmetic. Each (batch, span) bucket is
-    # captured once, greedy picks included, and replayed. Padding rows use free slots and a
-    # scratch position (the last one, which a sequence never writes: it ends when it reaches
-    # max_len).
+    # captured once, greedy picks included, and replayed. Padding rows use free slots and the
+    # scratch position past the context window, which no sequence reaches.
 
     def _bucket(self, value: int, smallest: int, largest: int) -> int:
         size = smallest
@@ -366,7 +445,7 @@ class LlamaRunner:
         if graph is None:
             graph = _DecodeGraph(self, batch, span_bucket)
             self._graphs[(batch, span_bucket)] = graph
-        scratch = self.max_len - 1
+        scratch = self.scratch
         pad = batch - b
         if token_ids is None:
             graph.ids[:b].copy_(self._last_tokens[:b])
@@ -393,7 +472,7 @@ class LlamaRunner:
                 raise
             logger.exception("torch.compile failed; serving with the plain forwards")
             self.compiled = False
-            self.decode_body, self.prefill_body = self._decode_body, self._prefill_body
+            self._plain_forwards()
             self._graphs.clear()
 
     @torch.inference_mode()
@@ -409,7 +488,7 @@ class _DecodeGraph:
 
     def __init__(self, runner: LlamaRunner, batch: int, span: int):
         device = runner.device
-        scratch = runner.max_len - 1
+        scratch = runner.scratch
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         # Capture writes the cache at the inputs' positions: point them at the scratch one.
         self.pos = torch.full((batch,), scratch, dtype=torch.long, device=device)

@@ -1,0 +1,83 @@
+"""The compiled forwards (as on a GPU) over a tiny random model, run on the CPU.
+
+The backend traces and counts compilations without generating kernels: what is checked is when
+the engine compiles again, which is the same whatever the backend.
+"""
+
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from models_admin.llama import LlamaRunner
+
+
+def _runner(
+    *, kv_heads: int = 3, counter: CompileCounterWithBackend | None = None, scope: str = "model"
+) -> LlamaRunner:
+    # Sizes that match none of the batch sizes or spans below unless a test means them to.
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if counter is not None:
+        torch._dynamo.reset()
+    return LlamaRunner(
+        model,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        max_batch=8,
+        max_len=256,
+        cpu_fp16_weights=False,
+        compile_steps=counter is not None,
+        compile_scope=scope,
+        compile_backend=counter,
+    )
+
+
+def _decode_steps(runner: LlamaRunner, steps: list[tuple[int, int]]) -> list[torch.Tensor]:
+    outputs = []
+    with torch.inference_mode():
+        for b, span in steps:
+            outputs.append(runner.decode_body(torch.arange(1, b + 1), torch.full((b,), 50), span))
+    return outputs
+
+
+def test_engine_decode_step_at_the_longest_span_reuses_the_compiled_step() -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    # The engine's span buckets run from 128 to the whole context window.
+    steps = [(2, 128), (4, 128), (2, 256), (4, 256)]
+    compiled = _decode_steps(_runner(counter=counter), steps)
+    plain = _decode_steps(_runner(), steps)
+    assert counter.frame_count == 1
+    assert all(torch.allclose(c, p, atol=1e-5) for c, p in zip(compiled, plain, strict=True))
+
+
+def test_engine_decode_step_of_a_model_with_two_kv_heads_serves_every_batch_size() -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    # Warmed up with 2 rows, as `warm_up` does; 2 is also the number of KV heads.
+    _decode_steps(_runner(kv_heads=2, counter=counter), [(2, 128), (4, 128), (8, 128)])
+    assert counter.frame_count == 1
+
+
+def test_engine_layers_compiled_one_at_a_time_share_one_compilation() -> None:
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled, plain = _runner(counter=counter, scope="layer"), _runner()
+    prompts = torch.arange(1, 41).view(2, 20)
+    slots, last = torch.tensor([0, 1]), torch.tensor([19, 39])
+    outputs = []
+    with torch.inference_mode():
+        for runner in (compiled, plain):
+            outputs.append(runner.prefill_body(prompts, slots, last))
+            outputs += _decode_steps(runner, [(2, 128)])
+    # One compilation for a prefill layer, one for a decode layer, one for the logits.
+    assert counter.frame_count == 3
+    assert torch.allclose(outputs[0], outputs[2], atol=1e-5)
+    assert torch.allclose(outputs[1], outputs[3], atol=1e-5)
