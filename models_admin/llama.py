@@ -99,6 +99,13 @@ def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class LlamaRunner:
     """Weights, rotary table and slotted KV cache of one model; prefill and batched decode."""
 
+    # The forwards the step calls: the plain methods, or their compiled versions.
+    decode_body: Any
+    prefill_body: Any
+    decode_layer: Any
+    prefill_layer: Any
+    logits: Any
+
     def __init__(
         self,
         hf_model: Any,
@@ -220,11 +227,11 @@ class LlamaRunner:
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
 
     def _plain_forwards(self) -> None:
-        self.decode_body: Any = self._decode_body
-        self.prefill_body: Any = self._prefill_body
-        self.decode_layer: Any = self._decode_layer
-        self.prefill_layer: Any = self._prefill_layer
-        self.logits: Any = self._logits
+        self.decode_body = self._decode_body
+        self.prefill_body = self._prefill_body
+        self.decode_layer = self._decode_layer
+        self.prefill_layer = self._prefill_layer
+        self.logits = self._logits
 
     # -- memory ------------------------------------------------------------------------------
 
