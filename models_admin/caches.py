@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from django.core.cache import cache
 
 from models_admin.engine import GenerationResult, SamplingParams
+from models_admin.question_match import meaning_differs
 
 _WHITESPACE = re.compile(r"\s+")
 _PREFIX = "answer:exact:"
@@ -75,30 +76,7 @@ def exact_cache_put(*, key: str, result: GenerationResult, ttl_seconds: int) -> 
 
 # -- Semantic cache (pgvector) ---------------------------------------------------------------
 # Embeddings put "How do I enable X?" and "How do I disable X?" very close together, so a hit
-# also needs the two questions not to differ in a word that flips their meaning, nor in a
-# number. Measured on bench/data/semantic_cache_pairs.jsonl by bench/semantic_cache.py.
-
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_POLAR = frozenset(
-    """
-    enable disable enabled disabled on off add remove added removed delete deleted create
-    allow deny allowed denied block unblock blocked increase decrease raise lower more less
-    start stop started stopped open close lock unlock install uninstall import export upload
-    download encrypt decrypt subscribe unsubscribe include exclude with without before after
-    max min maximum minimum first last most least up down out join leave show hide
-    accept reject approve connect disconnect mute unmute buy sell give take send receive
-    not no never cannot can't don't doesn't isn't aren't won't wasn't weren't shouldn't
-    couldn't wouldn't didn't hasn't haven't nor none
-    """.split()
-)
-
-
-def meaning_differs(a: str, b: str) -> bool:
-    """Whether two similar questions differ in a polarity word or in a number."""
-    words_a = set(_WORD.findall(a.lower()))
-    words_b = set(_WORD.findall(b.lower()))
-    changed = words_a ^ words_b
-    return bool(changed & _POLAR) or any(any(ch.isdigit() for ch in w) for w in changed)
+# also has to pass the word-level check of `question_match.meaning_differs`.
 
 
 @dataclass(frozen=True)
