@@ -78,6 +78,10 @@ def exact_cache_put(*, key: str, result: GenerationResult, ttl_seconds: int) -> 
 # Embeddings put "How do I enable X?" and "How do I disable X?" very close together, so a hit
 # also has to pass the word-level check of `question_match.meaning_differs`.
 
+# Entries within the threshold that are weighed against each other (by the guard, then by
+# standing); more than a handful of near-identical questions is rare.
+SEMANTIC_CANDIDATES = 10
+
 
 @dataclass(frozen=True)
 class SemanticLookup:
@@ -104,19 +108,25 @@ def semantic_cache_lookup(
         )
         .annotate(distance=CosineDistance("embedding", vector))
         .filter(distance__lte=1 - threshold)
-        .order_by("distance")[:5]
+        .order_by("distance")[:SEMANTIC_CANDIDATES]
     )
+    # Of the entries near enough that ask the same thing, a reviewed answer beats a rated one,
+    # which beats an unrated one; the nearest wins among equals (candidates come nearest first).
+    best = None
     for entry in candidates:
         if meaning_differs(text, entry.prompt):
             continue
-        answer = CachedAnswer(
-            text=entry.answer,
-            completion_tokens=entry.completion_tokens,
-            finish_reason=entry.finish_reason,
-            token_logprobs=[],
-        )
-        return SemanticLookup(answer, 1 - float(entry.distance), vector)  # type: ignore[attr-defined]
-    return SemanticLookup(None, None, vector)
+        if best is None or entry.standing > best.standing:
+            best = entry
+    if best is None:
+        return SemanticLookup(None, None, vector)
+    answer = CachedAnswer(
+        text=best.answer,
+        completion_tokens=best.completion_tokens,
+        finish_reason=best.finish_reason,
+        token_logprobs=[],
+    )
+    return SemanticLookup(answer, 1 - float(best.distance), vector)  # type: ignore[attr-defined]
 
 
 def semantic_cache_store(
@@ -127,8 +137,10 @@ def semantic_cache_store(
     vector: list[float],
     result: GenerationResult,
     ttl_seconds: int,
+    source_id: str = "",
 ) -> None:
-    """Keep a finished answer to a single-turn question."""
+    """Keep a finished answer to a single-turn question; `source_id` names the answer in the
+    app that stored it, for `semantic_cache_entry_promote` / `_withdraw`."""
     from datetime import timedelta
 
     from django.utils import timezone
@@ -145,5 +157,31 @@ def semantic_cache_store(
         answer=result.text,
         completion_tokens=result.completion_tokens,
         finish_reason=result.finish_reason,
+        source_id=source_id,
         expires_at=timezone.now() + timedelta(seconds=ttl_seconds),
     )
+
+
+def semantic_cache_entry_promote(*, source_id: str, standing: int, answer: str = "") -> int:
+    """Raise the standing of the entries made from an answer (never lowers it); `answer`
+    replaces their text (a reviewer's edit). Returns how many entries changed."""
+    from models_admin.models import SemanticCacheEntry
+
+    if not source_id:
+        return 0
+    entries = SemanticCacheEntry.objects.filter(source_id=source_id)
+    changed = entries.filter(standing__lt=standing).update(standing=standing)
+    if answer:
+        changed = max(changed, entries.update(answer=answer))
+    return changed
+
+
+def semantic_cache_entry_withdraw(*, source_id: str) -> int:
+    """Remove the entries made from an answer that must not be served again (rated down,
+    reported, rejected by a reviewer, or held for review). Returns how many were removed."""
+    from models_admin.models import SemanticCacheEntry
+
+    if not source_id:
+        return 0
+    removed, _ = SemanticCacheEntry.objects.filter(source_id=source_id).delete()
+    return removed
