@@ -4,6 +4,7 @@ from django.contrib.auth.models import User
 from django.db import transaction
 
 from chat.models import Feedback, Message
+from chat.reply_cache import answer_cache_promote, answer_cache_withdraw
 from chat.review import answer_report_queue
 from chat.selectors import message_get_for_user
 from chat.services import TurnRejected
@@ -49,6 +50,10 @@ def feedback_submit(
             **({"reported": True} if reported else {}),
         },
     )
+    if value == Feedback.Rating.DOWN:
+        answer_cache_withdraw(answer_id=answer.pk)
+    elif value == Feedback.Rating.UP:
+        answer_cache_promote(answer_id=answer.pk, reviewed=False)
     if reported:
         item = answer_report_queue(answer=answer, comment=feedback.comment)
         audit_record(

@@ -16,7 +16,7 @@ from chat.context import BuiltContext, context_build_grounded
 from chat.knowledge.citations import citations_store
 from chat.leases import HeartbeatLease
 from chat.models import Message
-from chat.reply_cache import ReplyCache
+from chat.reply_cache import ReplyCache, answer_cache_withdraw
 from chat.review import answer_review_match, answer_review_queue
 from chat.services import answer_fail, lease_key, stop_key
 from chat.serving import (
@@ -194,6 +194,10 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
         )
         if not won:
             return
+        if status in (Message.Status.HELD, Message.Status.BLOCKED):
+            # The semantic cache took the answer as the model gave it, before the filters and
+            # the review policies had their say: an answer no reader may see yet is not reused.
+            answer_cache_withdraw(answer_id=message_id)
         hold_id, hold = None, None
         if outcome.safety_held:
             hold = safety_hold_create(

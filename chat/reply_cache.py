@@ -17,11 +17,13 @@ from models_admin.caches import (
     exact_cache_get,
     exact_cache_key,
     exact_cache_put,
+    semantic_cache_entry_promote,
+    semantic_cache_entry_withdraw,
     semantic_cache_lookup,
     semantic_cache_store,
 )
 from models_admin.engine import GenerationResult, SamplingParams
-from models_admin.models import Deployment, ModelVersion
+from models_admin.models import Deployment, ModelVersion, SemanticCacheEntry
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ReplyCache:
     question: str | None  # set when the turn may use the semantic cache
     namespace: str
     vector: list[float] | None = None
+    # The answer being generated, named on its semantic cache entry (see `answer_cache_*`).
+    source_id: str = ""
 
     @classmethod
     def for_turn(
@@ -63,7 +67,7 @@ class ReplyCache:
             grounded = answer.conversation.knowledge_bases.exists()
             if single_turn and not grounded:
                 question = answer.reply_to.content
-        return cls(deployment, version, exact_key, question, namespace)
+        return cls(deployment, version, exact_key, question, namespace, source_id=str(answer.pk))
 
     @classmethod
     def for_request(
@@ -130,6 +134,7 @@ class ReplyCache:
                 vector=self.vector,
                 result=result,
                 ttl_seconds=ttl,
+                source_id=self.source_id,
             )
 
 
@@ -146,3 +151,22 @@ def _result(
         token_logprobs=hit.token_logprobs,
         cache=cache,
     )
+
+
+def answer_cache_promote(*, answer_id: int, reviewed: bool, text: str = "") -> None:
+    """An answer rated up, or approved (edited: `text`) by a reviewer, is preferred over other
+    cached answers to the same question."""
+    semantic_cache_entry_promote(
+        source_id=str(answer_id),
+        standing=(
+            SemanticCacheEntry.Standing.REVIEWED
+            if reviewed
+            else SemanticCacheEntry.Standing.RATED_UP
+        ),
+        answer=text,
+    )
+
+
+def answer_cache_withdraw(*, answer_id: int) -> None:
+    """An answer rated down, reported, rejected or held is never served from the cache."""
+    semantic_cache_entry_withdraw(source_id=str(answer_id))

@@ -15,6 +15,7 @@ from django.db.models.functions import Length
 from chat import live
 from chat.knowledge.retrieval import Passage
 from chat.models import Feedback, KnowledgeBase, Message
+from chat.reply_cache import answer_cache_promote, answer_cache_withdraw
 from governance.models import ReviewItem, ReviewPolicy, SafetyHold
 from governance.review_policies import (
     AnswerFacts,
@@ -186,6 +187,14 @@ def review_decision_apply(sender: object, item: ReviewItem, **kwargs: Any) -> No
     if message is None:
         return
     Status = ReviewItem.Status
+    if item.status == Status.REJECTED:
+        answer_cache_withdraw(answer_id=message.pk)
+    elif item.status in (Status.APPROVED, Status.EDITED):
+        answer_cache_promote(
+            answer_id=message.pk,
+            reviewed=True,
+            text=item.final_text if item.status == Status.EDITED else "",
+        )
     if item.status == Status.REJECTED:
         message.status = Message.Status.BLOCKED
         message.content = ""

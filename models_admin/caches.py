@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from django.core.cache import cache
 
 from models_admin.engine import GenerationResult, SamplingParams
+from models_admin.question_match import meaning_differs
 
 _WHITESPACE = re.compile(r"\s+")
 _PREFIX = "answer:exact:"
@@ -75,30 +76,11 @@ def exact_cache_put(*, key: str, result: GenerationResult, ttl_seconds: int) -> 
 
 # -- Semantic cache (pgvector) ---------------------------------------------------------------
 # Embeddings put "How do I enable X?" and "How do I disable X?" very close together, so a hit
-# also needs the two questions not to differ in a word that flips their meaning, nor in a
-# number. Measured on bench/data/semantic_cache_pairs.jsonl by bench/semantic_cache.py.
+# also has to pass the word-level check of `question_match.meaning_differs`.
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-_POLAR = frozenset(
-    """
-    enable disable enabled disabled on off add remove added removed delete deleted create
-    allow deny allowed denied block unblock blocked increase decrease raise lower more less
-    start stop started stopped open close lock unlock install uninstall import export upload
-    download encrypt decrypt subscribe unsubscribe include exclude with without before after
-    max min maximum minimum first last most least up down out join leave show hide
-    accept reject approve connect disconnect mute unmute buy sell give take send receive
-    not no never cannot can't don't doesn't isn't aren't won't wasn't weren't shouldn't
-    couldn't wouldn't didn't hasn't haven't nor none
-    """.split()
-)
-
-
-def meaning_differs(a: str, b: str) -> bool:
-    """Whether two similar questions differ in a polarity word or in a number."""
-    words_a = set(_WORD.findall(a.lower()))
-    words_b = set(_WORD.findall(b.lower()))
-    changed = words_a ^ words_b
-    return bool(changed & _POLAR) or any(any(ch.isdigit() for ch in w) for w in changed)
+# Entries within the threshold that are weighed against each other (by the guard, then by
+# standing); more than a handful of near-identical questions is rare.
+SEMANTIC_CANDIDATES = 10
 
 
 @dataclass(frozen=True)
@@ -126,19 +108,25 @@ def semantic_cache_lookup(
         )
         .annotate(distance=CosineDistance("embedding", vector))
         .filter(distance__lte=1 - threshold)
-        .order_by("distance")[:5]
+        .order_by("distance")[:SEMANTIC_CANDIDATES]
     )
+    # Of the entries near enough that ask the same thing, a reviewed answer beats a rated one,
+    # which beats an unrated one; the nearest wins among equals (candidates come nearest first).
+    best = None
     for entry in candidates:
         if meaning_differs(text, entry.prompt):
             continue
-        answer = CachedAnswer(
-            text=entry.answer,
-            completion_tokens=entry.completion_tokens,
-            finish_reason=entry.finish_reason,
-            token_logprobs=[],
-        )
-        return SemanticLookup(answer, 1 - float(entry.distance), vector)  # type: ignore[attr-defined]
-    return SemanticLookup(None, None, vector)
+        if best is None or entry.standing > best.standing:
+            best = entry
+    if best is None:
+        return SemanticLookup(None, None, vector)
+    answer = CachedAnswer(
+        text=best.answer,
+        completion_tokens=best.completion_tokens,
+        finish_reason=best.finish_reason,
+        token_logprobs=[],
+    )
+    return SemanticLookup(answer, 1 - float(best.distance), vector)  # type: ignore[attr-defined]
 
 
 def semantic_cache_store(
@@ -149,8 +137,10 @@ def semantic_cache_store(
     vector: list[float],
     result: GenerationResult,
     ttl_seconds: int,
+    source_id: str = "",
 ) -> None:
-    """Keep a finished answer to a single-turn question."""
+    """Keep a finished answer to a single-turn question; `source_id` names the answer in the
+    app that stored it, for `semantic_cache_entry_promote` / `_withdraw`."""
     from datetime import timedelta
 
     from django.utils import timezone
@@ -167,5 +157,31 @@ def semantic_cache_store(
         answer=result.text,
         completion_tokens=result.completion_tokens,
         finish_reason=result.finish_reason,
+        source_id=source_id,
         expires_at=timezone.now() + timedelta(seconds=ttl_seconds),
     )
+
+
+def semantic_cache_entry_promote(*, source_id: str, standing: int, answer: str = "") -> int:
+    """Raise the standing of the entries made from an answer (never lowers it); `answer`
+    replaces their text (a reviewer's edit). Returns how many entries changed."""
+    from models_admin.models import SemanticCacheEntry
+
+    if not source_id:
+        return 0
+    entries = SemanticCacheEntry.objects.filter(source_id=source_id)
+    changed = entries.filter(standing__lt=standing).update(standing=standing)
+    if answer:
+        changed = max(changed, entries.update(answer=answer))
+    return changed
+
+
+def semantic_cache_entry_withdraw(*, source_id: str) -> int:
+    """Remove the entries made from an answer that must not be served again (rated down,
+    reported, rejected by a reviewer, or held for review). Returns how many were removed."""
+    from models_admin.models import SemanticCacheEntry
+
+    if not source_id:
+        return 0
+    removed, _ = SemanticCacheEntry.objects.filter(source_id=source_id).delete()
+    return removed

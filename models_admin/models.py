@@ -336,8 +336,16 @@ class SemanticCacheEntry(models.Model):
     """A single-turn question and its answer, found again by the meaning of the question.
 
     `namespace` says what else shaped the answer (the knowledge bases and their contents); an
-    entry is only served to a question with the same version and namespace.
+    entry is only served to a question with the same version and namespace. `source_id` names
+    the answer the entry was made from, in the app that stored it (a chat message), so that the
+    app can promote the entry (rated up, approved) or withdraw it (rated down, reported,
+    rejected, held).
     """
+
+    class Standing(models.IntegerChoices):
+        UNRATED = 0, "unrated"
+        RATED_UP = 1, "rated up"
+        REVIEWED = 2, "approved by a reviewer"
 
     version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="+")
     namespace = models.CharField(max_length=100)
@@ -346,12 +354,15 @@ class SemanticCacheEntry(models.Model):
     answer = models.TextField()
     completion_tokens = models.PositiveIntegerField()
     finish_reason = models.CharField(max_length=20)
+    source_id = models.CharField(max_length=100, blank=True, default="")
+    standing = models.SmallIntegerField(choices=Standing.choices, default=Standing.UNRATED)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
 
     class Meta:
         indexes = [
             models.Index(fields=["version", "namespace"]),
+            models.Index(fields=["source_id"], name="semantic_cache_source_idx"),
             HnswIndex(
                 name="semantic_cache_embedding_hnsw",
                 fields=["embedding"],

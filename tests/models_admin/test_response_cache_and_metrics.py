@@ -10,8 +10,8 @@ from django.test import Client
 
 from chat.models import Message
 from chat.services import conversation_create, turn_submit
-from governance.models import AuditEvent, BudgetUsage
-from models_admin.models import Deployment
+from governance.models import AuditEvent, BudgetUsage, ReviewPolicy
+from models_admin.models import Deployment, SemanticCacheEntry
 from tests.factories import user_create
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -101,6 +101,21 @@ def test_a_question_of_opposite_meaning_is_not_answered_from_the_cache() -> None
     user = user_create()
     _answered(user, "How do I enable dark mode in the app?")
     _answered(user, "How do I disable dark mode in the app?")
+    assert [e["cache"] for e in _generated_events()] == [None, None]
+
+
+def test_an_answer_held_for_review_is_not_kept_for_answering_by_meaning() -> None:
+    _semantic_cache_on()
+    ReviewPolicy.objects.create(
+        name="needs approval",
+        kind=ReviewPolicy.Kind.DEPLOYMENT_APPROVAL,
+        deployment=Deployment.objects.get(alias=ROUTE),
+    )
+    user = user_create()
+    first = _answered(user, QUESTION)
+    assert first.status == "held"
+    assert not SemanticCacheEntry.objects.exists()
+    _answered(user, "Please name two planets of the solar system!")
     assert [e["cache"] for e in _generated_events()] == [None, None]
 
 

@@ -80,9 +80,29 @@ def test_expired_entries_and_distant_questions_are_not_served(model_artifact) ->
         ("How do I enable dark mode?", "How do I disable dark mode?", True),
         ("Convert 5 miles to km", "Convert 50 miles to km", True),
         ("Can I share files?", "Can't I share files?", True),
-        ("How do I turn on alerts?", "How can I switch on alerts?", False),
         ("Name two planets.", "Please name two planets", False),
+        ("What is the capital of France?", "What is the capital of Spain?", True),
+        ("How do I convert a PDF to Word?", "How do I convert Word to a PDF?", True),
+        ("How do I pin a message?", "How do I unpin a message?", True),
+        (
+            "What programming languages should I learn?",
+            "Which programming languages to learn for data science?",
+            True,
+        ),
+        (
+            "How long does rice keep in the fridge?",
+            "How long does rice keep in the refrigerator?",
+            False,
+        ),
+        (
+            "How do I get reimbursed for travel?",
+            "What's the process for travel reimbursement?",
+            False,
+        ),
+        ("What does APR mean?", "Can you explain what APR means?", False),
     ],
 )
-def test_the_guard_tells_opposite_meanings_and_numbers_apart(a: str, b: str, differs: bool) -> None:
+def test_the_guard_tells_opposite_meanings_numbers_and_swapped_words_apart(
+    a: str, b: str, differs: bool
+) -> None:
     assert meaning_differs(a, b) is differs
