@@ -71,9 +71,11 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL")}
-# Persistent connections: a new PostgreSQL connection (a forked backend) per request or task
-# costs milliseconds that every /v1 call and chat turn would pay (bench/api_overhead.py).
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+# One connection per request or task by default. Under ASGI, persistent connections are kept
+# per thread, and the threads that run the ORM for async views multiply under load: at 50
+# concurrent /v1 clients PostgreSQL refused new connections ("too many clients"). A worker-only
+# deployment may set DATABASE_CONN_MAX_AGE; the health check then drops broken connections.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
