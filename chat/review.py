@@ -20,12 +20,11 @@ from governance.models import ReviewItem, ReviewPolicy, SafetyHold
 from governance.review_policies import (
     AnswerFacts,
     PolicyMatch,
-    review_match_or_safety_hold,
     review_policy_for_event,
     review_policy_match,
     review_policy_may_hold,
 )
-from governance.review_queue import review_item_create
+from governance.review_queue import review_item_create, review_item_queue_answer
 from governance.review_targets import ReviewContext
 from models_admin.models import Deployment
 
@@ -102,22 +101,17 @@ def answer_review_queue(
     mean_logprob: float | None,
 ) -> ReviewItem:
     """Queue a held (or sampled) answer; call inside the transaction that settles it."""
-    match = review_match_or_safety_hold(
-        match=match, safety_hold=safety_hold, deployment_id=deployment_id
-    )
-    return review_item_create(
-        policy=match.policy,
-        reason=match.reason,
+    return review_item_queue_answer(
+        match=match,
+        safety_hold=safety_hold,
         target_type=TARGET,
         target_id=answer.pk,
-        original_text=text,
+        text=text,
         user_id=answer.conversation.user_id,
         deployment_id=deployment_id,
         model_version_id=answer.model_version_id,
         knowledge_base_ids=sorted({p.knowledge_base_id for p in passages}),
-        safety_hold=safety_hold,
-        delivered=match.deliver_now,
-        details={"mean_logprob": mean_logprob} if mean_logprob is not None else {},
+        mean_logprob=mean_logprob,
     )
 
 

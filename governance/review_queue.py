@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from governance.audit import audit_record
 from governance.models import ReviewItem, ReviewPolicy, SafetyHold
+from governance.review_policies import PolicyMatch, review_match_or_safety_hold
 from governance.review_targets import review_decided
 
 Status = ReviewItem.Status
@@ -91,6 +92,40 @@ def review_item_create(
         },
     )
     return item
+
+
+def review_item_queue_answer(
+    *,
+    match: PolicyMatch | None,
+    safety_hold: SafetyHold | None,
+    target_type: str,
+    target_id: object,
+    text: str,
+    user_id: int | None,
+    deployment_id: int | None,
+    model_version_id: int | None,
+    knowledge_base_ids: list[int] | None = None,
+    mean_logprob: float | None = None,
+) -> ReviewItem:
+    """Queue a held (or sampled) answer of any target: under the policy that matched it, or
+    the safety-hold policy for a filter's hold. Call inside the transaction that settles it."""
+    match = review_match_or_safety_hold(
+        match=match, safety_hold=safety_hold, deployment_id=deployment_id
+    )
+    return review_item_create(
+        policy=match.policy,
+        reason=match.reason,
+        target_type=target_type,
+        target_id=target_id,
+        original_text=text,
+        user_id=user_id,
+        deployment_id=deployment_id,
+        model_version_id=model_version_id,
+        knowledge_base_ids=knowledge_base_ids,
+        safety_hold=safety_hold,
+        delivered=match.deliver_now,
+        details={"mean_logprob": mean_logprob} if mean_logprob is not None else {},
+    )
 
 
 def _claimable(now: dt.datetime) -> QuerySet[ReviewItem]:

@@ -15,8 +15,8 @@ from django.db import transaction
 from chat.api.events import job_event_publish
 from chat.models import Job
 from governance.models import ReviewItem, SafetyHold
-from governance.review_policies import PolicyMatch, review_match_or_safety_hold
-from governance.review_queue import review_item_create
+from governance.review_policies import PolicyMatch
+from governance.review_queue import review_item_queue_answer
 from governance.review_targets import ReviewContext
 
 TARGET = "job"
@@ -32,21 +32,16 @@ def job_review_queue(
     mean_logprob: float | None,
 ) -> ReviewItem:
     """Queue a held (or sampled) job's answer; call inside the transaction that settles it."""
-    match = review_match_or_safety_hold(
-        match=match, safety_hold=safety_hold, deployment_id=deployment_id
-    )
-    return review_item_create(
-        policy=match.policy,
-        reason=match.reason,
+    return review_item_queue_answer(
+        match=match,
+        safety_hold=safety_hold,
         target_type=TARGET,
         target_id=job.public_id,
-        original_text=text,
+        text=text,
         user_id=job.user_id,
         deployment_id=deployment_id,
         model_version_id=job.model_version_id,
-        safety_hold=safety_hold,
-        delivered=match.deliver_now,
-        details={"mean_logprob": mean_logprob} if mean_logprob is not None else {},
+        mean_logprob=mean_logprob,
     )
 
 
