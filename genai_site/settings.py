@@ -71,11 +71,20 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL")}
-# One connection per request or task by default. Under ASGI, persistent connections are kept
-# per thread, and the threads that run the ORM for async views multiply under load: at 50
-# concurrent /v1 clients PostgreSQL refused new connections ("too many clients"). A worker-only
-# deployment may set DATABASE_CONN_MAX_AGE; the health check then drops broken connections.
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
+# Each process keeps a pool of connections (psycopg_pool): a request or task takes one and gives
+# it back when Django closes it, so nothing pays PostgreSQL's connection start-up per request,
+# and the pool's size bounds a process's connections however many threads the ORM runs in under
+# ASGI (persistent per-thread connections ran PostgreSQL out of connections at 50 /v1 clients).
+# DATABASE_POOL=0 goes back to one new connection per request or task.
+if env.bool("DATABASE_POOL", default=True):
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DATABASE_POOL_MIN", default=1),
+        "max_size": env.int("DATABASE_POOL_MAX", default=16),
+        "timeout": env.float("DATABASE_POOL_TIMEOUT", default=20.0),
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+else:
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import NinjaAPI, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -150,6 +151,15 @@ def _event_stream(chunks: Any) -> StreamingHttpResponse:
     return response
 
 
+def _submit_and_release(*, api_key: ApiKey, body: dict[str, Any], ip: str | None) -> Job:
+    """Queue the job, then give this thread's database connection back to the pool: the
+    request now waits on the model, which can take minutes, and needs none."""
+    try:
+        return job_submit(api_key=api_key, body=body, ip=ip)
+    finally:
+        close_old_connections()
+
+
 @api.post(
     "/chat/completions",
     response={200: ChatCompletionOut, 202: JobOut, **ERRORS},
@@ -161,7 +171,9 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Any:
     `data: [DONE]`. A non-streamed call waits for the answer; when the answer is held for
     review (or takes longer than the server waits), it answers 202 with the job instead."""
     api_key: ApiKey = request.auth  # type: ignore[attr-defined]
-    job = await sync_to_async(job_submit)(api_key=api_key, body=body.model_dump(), ip=_ip(request))
+    job = await sync_to_async(_submit_and_release)(
+        api_key=api_key, body=body.model_dump(), ip=_ip(request)
+    )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _event_stream(completion_chunks(job, api_key=api_key, include_usage=include_usage))
