@@ -30,6 +30,7 @@ from chat.serving import (
     usage_observe,
     usage_settle,
 )
+from genai_site.config_cache import config_snapshot
 from governance.audit import audit_record
 from governance.holds import safety_hold_create
 from governance.models import SafetyHold
@@ -66,6 +67,7 @@ def _claim(message_id: int, attempt: int) -> Message | None:
     return None
 
 
+@config_snapshot()
 def reply_generate(*, message_id: int, attempt: int, deployment_id: int | None = None) -> None:
     # The lease is taken before the claim, so no reaper ever sees a claimed turn without one.
     with HeartbeatLease(

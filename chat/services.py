@@ -14,6 +14,7 @@ from chat import live
 from chat.models import Conversation, KnowledgeBase, Message
 from chat.selectors import conversation_get, knowledge_bases_for_user, message_get_for_user
 from chat.text import text_unstorable_reason
+from genai_site.config_cache import config_snapshot
 from governance.admission import Held, Refusal, turn_admit, turn_screen
 from governance.audit import audit_record
 from governance.budgets import budget_release
@@ -126,6 +127,7 @@ def _on_commit_notify(conversation_id: int, *message_ids: int, created: bool = F
         )
 
 
+@config_snapshot()
 def turn_submit(
     *, user: User, conversation_id: int, text: object, ip: str | None = None
 ) -> TurnOutcome:

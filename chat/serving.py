@@ -18,6 +18,7 @@ from django.db import close_old_connections
 from chat.knowledge.retrieval import Passage
 from chat.reply_cache import ReplyCache
 from chat.review import answer_review_may_hold
+from genai_site.config_cache import config_cached
 from governance.budgets import budget_settle
 from governance.review_policies import PolicyMatch
 from governance.safety.base import Action
@@ -146,9 +147,13 @@ def serve_routed(
 def deployment_for(*, deployment_id: int | None, alias: str) -> Deployment | None:
     """The deployment routing chose (its id travels with the task); tasks queued before
     routing named one carry no id, and the alias still says which."""
-    deployments = Deployment.objects.select_related("shadow_version")
-    deployment = deployments.filter(pk=deployment_id).first() if deployment_id else None
-    return deployment or deployments.filter(alias=alias).first()
+
+    def read() -> Deployment | None:
+        deployments = Deployment.objects.select_related("shadow_version")
+        deployment = deployments.filter(pk=deployment_id).first() if deployment_id else None
+        return deployment or deployments.filter(alias=alias).first()
+
+    return config_cached(("deployment_for", deployment_id, alias), read)
 
 
 def deployment_is_canary(

@@ -7,8 +7,14 @@ class GovernanceConfig(AppConfig):
     def ready(self) -> None:
         from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 
+        from genai_site.config_cache import config_models_watch
         from governance import signals
+        from governance.models import BlockedTerm, ReviewPolicy, SafetyPolicy
         from models_admin.signals import registry_changed
+
+        # The safety filters and review policies read these on every request, from each
+        # process's cache.
+        config_models_watch(SafetyPolicy, BlockedTerm, ReviewPolicy)
 
         user_logged_in.connect(signals.audit_user_logged_in, dispatch_uid="governance.audit.login")
         user_logged_out.connect(

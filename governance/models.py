@@ -9,6 +9,8 @@ from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
+from genai_site.config_cache import ConfigQuerySet
+
 
 class ApiKey(models.Model):
     """A key a program presents instead of a session. Only a sha256 of the secret is stored;
@@ -347,6 +349,8 @@ class SafetyPolicy(models.Model):
     )
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ConfigQuerySet.as_manager()
+
     class Meta:
         verbose_name_plural = "safety policies"
         constraints = [
@@ -376,6 +380,8 @@ class BlockedTerm(models.Model):
     term = models.CharField(max_length=200, unique=True)
     note = models.CharField(max_length=200, blank=True, help_text="Why it is blocked.")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ConfigQuerySet.as_manager()
 
     class Meta:
         ordering = ["term"]
@@ -495,6 +501,8 @@ class ReviewPolicy(models.Model):
         default=100, help_text="Lower numbers are checked first; the first policy that holds wins."
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ConfigQuerySet.as_manager()
 
     class Meta:
         ordering = ["priority", "id"]

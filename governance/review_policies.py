@@ -3,6 +3,7 @@
 import random
 from dataclasses import dataclass, field
 
+from genai_site.config_cache import config_cached
 from governance.models import ReviewPolicy, SafetyHold
 
 Kind = ReviewPolicy.Kind
@@ -66,13 +67,23 @@ def _holds(policy: ReviewPolicy, facts: AnswerFacts) -> str | None:
     return None
 
 
+def _active_policies() -> list[ReviewPolicy]:
+    """The active policies that a finished answer is checked against."""
+    return config_cached(
+        ("review_policies",),
+        lambda: list(
+            ReviewPolicy.objects.filter(
+                is_active=True, kind__in=[*_HOLDING_KINDS, Kind.RANDOM_SAMPLE]
+            )
+        ),
+    )
+
+
 def review_policy_match(
     *, facts: AnswerFacts, rng: random.Random | None = None
 ) -> PolicyMatch | None:
     """The first active policy that holds the answer, else a sample that picks it, else None."""
-    policies = list(
-        ReviewPolicy.objects.filter(is_active=True, kind__in=[*_HOLDING_KINDS, Kind.RANDOM_SAMPLE])
-    )
+    policies = _active_policies()
     for policy in policies:
         if policy.kind == Kind.RANDOM_SAMPLE or not _applies(policy, facts):
             continue
@@ -95,8 +106,8 @@ def review_policy_match(
 def review_policy_may_hold(*, facts: AnswerFacts) -> bool:
     """Whether some active policy could hold this answer once it is finished (its confidence is
     not known yet). The worker then streams nothing, so a held answer is never seen early."""
-    for policy in ReviewPolicy.objects.filter(is_active=True, kind__in=_HOLDING_KINDS):
-        if not _applies(policy, facts):
+    for policy in _active_policies():
+        if policy.kind == Kind.RANDOM_SAMPLE or not _applies(policy, facts):
             continue
         if policy.kind == Kind.LOW_CONFIDENCE or _holds(policy, facts) is not None:
             return True

@@ -5,6 +5,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from pgvector.django import HnswIndex, VectorField
 
+from genai_site.config_cache import ConfigQuerySet
 from models_admin.embeddings import EMBEDDING_DIM
 
 
@@ -14,6 +15,8 @@ class Model(models.Model):
     name = models.CharField(max_length=200, unique=True)
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ConfigQuerySet.as_manager()
 
     def __str__(self) -> str:
         return self.name
@@ -108,6 +111,8 @@ class ModelVersion(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ConfigQuerySet.as_manager()
 
     class Meta:
         constraints = [
@@ -205,6 +210,8 @@ class Deployment(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ConfigQuerySet.as_manager()
+
     class Meta:
         constraints = [
             models.CheckConstraint(
@@ -229,6 +236,8 @@ class DeploymentFallback(models.Model):
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="fallbacks")
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
     position = models.PositiveSmallIntegerField(default=0)
+
+    objects = ConfigQuerySet.as_manager()
 
     class Meta:
         ordering = ["position", "id"]
@@ -260,6 +269,8 @@ class TierRule(models.Model):
     user_choice = models.SlugField(
         max_length=50, blank=True, help_text="Match when the user chose this tier, e.g. 'large'"
     )
+
+    objects = ConfigQuerySet.as_manager()
 
     class Meta:
         ordering = ["position", "id"]

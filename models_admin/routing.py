@@ -4,6 +4,7 @@ per conversation) -> the ordered targets to try (that version, then the fallback
 import hashlib
 from dataclasses import dataclass
 
+from genai_site.config_cache import config_cached
 from models_admin.models import Deployment, ModelVersion, TierRule
 
 
@@ -19,12 +20,15 @@ class Route:
 
 
 def _deployment_get(alias: str) -> Deployment:
-    deployment = (
-        Deployment.objects.select_related(
-            "primary_version__model", "canary_version__model", "shadow_version__model"
-        )
-        .filter(alias=alias)
-        .first()
+    deployment = config_cached(
+        ("deployment", alias),
+        lambda: (
+            Deployment.objects.select_related(
+                "primary_version__model", "canary_version__model", "shadow_version__model"
+            )
+            .filter(alias=alias)
+            .first()
+        ),
     )
     if deployment is None:
         raise DeploymentUnavailable(f"No deployment named '{alias}' exists.")
@@ -52,7 +56,11 @@ def canary_bucket(*, deployment_id: int, sticky_key: int | str) -> int:
 def _tier_target(
     deployment: Deployment, *, prompt_chars: int, uses_retrieval: bool, user_choice: str
 ) -> Deployment:
-    for rule in TierRule.objects.filter(deployment=deployment).select_related("target"):
+    rules = config_cached(
+        ("tier_rules", deployment.pk),
+        lambda: list(TierRule.objects.filter(deployment=deployment).select_related("target")),
+    )
+    for rule in rules:
         if rule.min_prompt_chars is not None and prompt_chars < rule.min_prompt_chars:
             continue
         if rule.max_prompt_chars is not None and prompt_chars > rule.max_prompt_chars:
@@ -113,10 +121,15 @@ def route_choose(
 
 
 def deployment_fallback_versions(*, deployment: Deployment) -> list[ModelVersion]:
-    return [
-        f.version
-        for f in deployment.fallbacks.select_related("version__model").order_by("position", "id")
-    ]
+    return config_cached(
+        ("fallback_versions", deployment.pk),
+        lambda: [
+            f.version
+            for f in deployment.fallbacks.select_related("version__model").order_by(
+                "position", "id"
+            )
+        ],
+    )
 
 
 def route_targets(*, deployment: Deployment, version: ModelVersion) -> list[ModelVersion]:

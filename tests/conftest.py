@@ -271,6 +271,15 @@ def remote_key_env(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_settings_cache() -> None:
+    """Between tests the database is rolled back or flushed, which no save signal announces:
+    every process (this one and the workers) reads deployments and policies afresh."""
+    from genai_site.config_cache import config_cache_clear
+
+    config_cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_channel_layer() -> Iterator[None]:
     """Each async test runs in its own event loop; the Redis channel layer's connections and
     locks belong to the loop that made them, so every test gets a new layer."""

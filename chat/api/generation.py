@@ -34,6 +34,7 @@ from chat.serving import (
     usage_observe,
     usage_settle,
 )
+from genai_site.config_cache import config_snapshot
 from governance.audit import audit_record
 from governance.budgets import budget_release
 from governance.holds import safety_hold_create
@@ -72,9 +73,10 @@ def _claim(job_id: int) -> Job | None:
     )
     if not won:
         return None
-    return Job.objects.select_related("model_version").get(pk=job_id)
+    return Job.objects.select_related("model_version__model").get(pk=job_id)
 
 
+@config_snapshot()
 def job_generate(*, job_id: int, deployment_id: int | None = None) -> None:
     public_id = Job.objects.filter(pk=job_id).values_list("public_id", flat=True).first()
     if public_id is None:

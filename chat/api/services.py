@@ -28,6 +28,7 @@ from chat.api.errors import (
 )
 from chat.api.events import job_event_publish
 from chat.models import Job
+from genai_site.config_cache import config_snapshot
 from governance.admission import Held, Refusal, turn_admit
 from governance.api_keys import ApiKeyInvalid
 from governance.audit import audit_record
@@ -127,6 +128,7 @@ def _refusal_error(refusal: Refusal) -> ApiError:
     return rate_limited(refusal.reason, retry_after=refusal.retry_after, quota=quota)
 
 
+@config_snapshot()
 def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) -> Job:
     """Admit one chat completion and queue it on its deployment's queue.
 

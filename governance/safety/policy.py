@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from genai_site.config_cache import config_cached
 from governance.models import BlockedTerm, SafetyPolicy
 from governance.safety.base import Action
 from governance.safety.blocklist import BlocklistFilter
@@ -26,6 +27,10 @@ DEFAULT_POLICY = PolicySettings()
 
 def safety_policy_get(*, deployment_id: int | None) -> PolicySettings:
     """The deployment's policy, or the default when it has none."""
+    return config_cached(("safety_policy", deployment_id), lambda: _policy_read(deployment_id))
+
+
+def _policy_read(deployment_id: int | None) -> PolicySettings:
     row = (
         SafetyPolicy.objects.filter(deployment_id=deployment_id).first()
         if deployment_id is not None
@@ -45,7 +50,9 @@ def safety_policy_get(*, deployment_id: int | None) -> PolicySettings:
 
 
 def _blocked_terms() -> list[str]:
-    return list(BlockedTerm.objects.values_list("term", flat=True))
+    return config_cached(
+        ("blocked_terms",), lambda: list(BlockedTerm.objects.values_list("term", flat=True))
+    )
 
 
 def input_pipeline(policy: PolicySettings, *, terms: list[str]) -> Pipeline:

@@ -1,0 +1,154 @@
+"""Operator settings that every request reads (deployments and their routes, safety and review
+policies, blocked terms), kept in each process until any of them changes anywhere.
+
+A request reads them several times on its way through the web process and the worker; each
+read was a query. Here a process keeps what it read under the current *generation*, a counter in
+Redis: any write to one of these tables (a save, a delete, a queryset `update()`; see
+`ConfigQuerySet` and `config_models_watch`) increments it once the transaction commits, and
+every process then reads afresh. An operator's change still applies to the next request.
+
+Two rules keep a process from caching what is not committed:
+- a thread that changed settings inside a transaction not yet committed reads them from the
+  database until that transaction ends (it alone sees its change; it may roll back);
+- the generation is read before the rows, so rows read while a change commits are kept under
+  the old generation and dropped at the next read.
+Without Redis, nothing is cached: every read goes to the database.
+"""
+
+import copy
+import logging
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cache
+from typing import Any, TypeVar
+
+import redis
+from django.conf import settings
+from django.db import connection, models, transaction
+from django.db.models.signals import post_delete, post_save
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_GENERATION_KEY = "genai:config:generation"
+
+_entries: dict[Hashable, tuple[int, Any]] = {}
+_entries_lock = threading.Lock()
+_writer = threading.local()
+# Set by `config_snapshot`: the generation this request or task reads under.
+_pinned: ContextVar[int | None] = ContextVar("config_generation", default=None)
+
+
+@cache
+def _client() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def _generation() -> int | None:
+    try:
+        value: bytes | None = _client().get(_GENERATION_KEY)  # type: ignore[assignment]
+    except redis.RedisError:
+        return None
+    return int(value) if value is not None else 0
+
+
+def _bump() -> None:
+    try:
+        _client().incr(_GENERATION_KEY)
+    except redis.RedisError:
+        # Other processes cannot be told: they keep their rows until Redis is back and the
+        # next change bumps the generation. This process at least drops its own.
+        logger.warning("Could not announce a settings change; other processes may lag")
+    with _entries_lock:
+        _entries.clear()
+
+
+def config_changed() -> None:
+    """Announce a change to cached settings: at commit, or at once outside a transaction."""
+    if connection.in_atomic_block:
+        _writer.dirty = True
+    transaction.on_commit(_bump)
+
+
+def _writing_in_transaction() -> bool:
+    if not getattr(_writer, "dirty", False):
+        return False
+    if connection.in_atomic_block:
+        return True
+    _writer.dirty = False  # that transaction has ended: committed (and announced) or rolled back
+    return False
+
+
+def config_cached(key: Hashable, load: Callable[[], T]) -> T:
+    """`load()`'s value for `key`, read once per generation in this process. The caller gets
+    its own copy: model instances are mutable."""
+    if _writing_in_transaction():
+        return load()
+    generation = _pinned.get()
+    if generation is None:
+        generation = _generation()
+    if generation is None:
+        return load()
+    with _entries_lock:
+        entry = _entries.get(key)
+    if entry is None or entry[0] != generation:
+        value = load()
+        with _entries_lock:
+            _entries[key] = (generation, value)
+        entry = (generation, value)
+    return copy.deepcopy(entry[1])
+
+
+@contextmanager
+def config_snapshot() -> Iterator[None]:
+    """One request's or task's reads: the generation is read once, on entry, and the settings
+    read inside are those of that moment (one Redis round trip instead of one per read). A
+    change that commits meanwhile applies from the next request."""
+    token = _pinned.set(_generation())
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def config_cache_clear() -> None:
+    """Drop every process's cached settings (a change made behind the ORM's back: raw SQL, a
+    restored dump, a test database flushed between tests)."""
+    _bump()
+
+
+class ConfigQuerySet(models.QuerySet):  # type: ignore[type-arg]
+    """A queryset whose bulk writes announce the change like a save does."""
+
+    def update(self, **kwargs: Any) -> int:
+        rows = super().update(**kwargs)
+        config_changed()
+        return rows
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        result = super().delete()
+        config_changed()
+        return result
+
+    def bulk_create(self, *args: Any, **kwargs: Any) -> list[Any]:
+        created = super().bulk_create(*args, **kwargs)
+        config_changed()
+        return created
+
+    def bulk_update(self, *args: Any, **kwargs: Any) -> int:
+        rows = super().bulk_update(*args, **kwargs)
+        config_changed()
+        return rows
+
+
+def _on_write(sender: type[models.Model], **kwargs: Any) -> None:
+    config_changed()
+
+
+def config_models_watch(*models_: type[models.Model]) -> None:
+    """Announce every save and delete of these models (called from their apps' `ready`)."""
+    for model in models_:
+        post_save.connect(_on_write, sender=model, dispatch_uid=f"config-cache-save-{model}")
+        post_delete.connect(_on_write, sender=model, dispatch_uid=f"config-cache-delete-{model}")

@@ -1,0 +1,101 @@
+"""Deployments and policies are read from each process's cache, and every change reaches every
+process at its next request: saves, queryset updates, in this process and in the worker."""
+
+import pytest
+import redis
+from django.db import connection, transaction
+
+from chat.models import Job
+from genai_site import config_cache
+from governance.models import ReviewPolicy
+from models_admin.models import Deployment
+from models_admin.routing import DeploymentUnavailable, route_choose
+from tests.chat.api_helpers import http, key_for
+from tests.models_admin.registry_helpers import deployment_create, version_create
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_read_takes_no_query_and_an_update_is_seen_at_once(
+    django_assert_num_queries,  # type: ignore[no-untyped-def]
+) -> None:
+    deployment_create(alias="cached", primary=version_create(version="v1"))
+    assert route_choose(alias="cached", sticky_key=1).deployment.alias == "cached"
+    with django_assert_num_queries(0):
+        route = route_choose(alias="cached", sticky_key=1)
+    # Callers get their own copy: changing it changes nothing for the next request.
+    route.deployment.is_active = False
+    assert route_choose(alias="cached", sticky_key=1).deployment.is_active
+
+    Deployment.objects.filter(alias="cached").update(is_active=False)
+    with pytest.raises(DeploymentUnavailable, match="switched off"):
+        route_choose(alias="cached", sticky_key=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_change_not_yet_committed_is_read_by_its_writer_alone_and_a_rollback_leaves_nothing() -> (
+    None
+):
+    deployment = deployment_create(alias="pending", primary=version_create(version="v1"))
+    route_choose(alias="pending", sticky_key=1)  # cached while active
+
+    class Undo(Exception):
+        pass
+
+    with pytest.raises(Undo):
+        with transaction.atomic():
+            deployment.is_active = False
+            deployment.save()
+            with pytest.raises(DeploymentUnavailable):
+                route_choose(alias="pending", sticky_key=1)
+            raise Undo
+    assert route_choose(alias="pending", sticky_key=1).deployment.is_active
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_change_behind_the_orms_back_waits_for_config_cache_clear() -> None:
+    deployment_create(alias="raw", primary=version_create(version="v1"))
+    route_choose(alias="raw", sticky_key=1)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE models_admin_deployment SET is_active = false WHERE alias = 'raw'")
+    assert route_choose(alias="raw", sticky_key=1).deployment.is_active, "documented: not seen"
+    config_cache.config_cache_clear()
+    with pytest.raises(DeploymentUnavailable):
+        route_choose(alias="raw", sticky_key=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_redis_every_read_goes_to_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+    django_assert_num_queries,  # type: ignore[no-untyped-def]
+) -> None:
+    deployment_create(alias="no-redis", primary=version_create(version="v1"))
+    unreachable = redis.Redis(port=1, socket_connect_timeout=0.2)
+    monkeypatch.setattr(config_cache, "_client", lambda: unreachable)
+    for _ in range(2):
+        with django_assert_num_queries(2):  # the deployment, its tier rules
+            route_choose(alias="no-redis", sticky_key=1)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("chat_model")
+def test_the_worker_applies_a_policy_made_and_then_switched_off_after_it_cached_the_policies(
+    live_asgi_server: str,
+) -> None:
+    body = {"model": "chat-default", "messages": FRANCE, "max_tokens": 8}
+    with http(live_asgi_server, key_for()) as api:
+        assert api.post("/chat/completions", json=body).json()["object"] == "chat.completion"
+
+        policy = ReviewPolicy.objects.create(
+            name="approve all",
+            kind=ReviewPolicy.Kind.DEPLOYMENT_APPROVAL,
+            deployment=Deployment.objects.get(alias="chat-default"),
+        )
+        held = api.post("/chat/completions", json=body)
+        assert held.status_code == 202, held.text
+        assert Job.objects.get(public_id=held.json()["id"]).status == Job.Status.HELD_FOR_REVIEW
+
+        ReviewPolicy.objects.filter(pk=policy.pk).update(is_active=False)
+        answered = api.post("/chat/completions", json=body)
+        assert answered.status_code == 200, answered.text
