@@ -64,7 +64,7 @@ def _safety_details(verdict: Verdict | None) -> dict[str, Any]:
     return {"safety": verdict.summary()} if verdict is not None and verdict.trips else {}
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def turn_admit(
     *,
     user: User,

@@ -108,7 +108,8 @@ def audit_record(
     user = actor if isinstance(actor, User) else None
     if actor_label is None:
         actor_label = user.get_username() if user is not None else "system"
-    with transaction.atomic():
+    # Part of the caller's transaction (no savepoint of its own: nothing here is undone alone).
+    with transaction.atomic(savepoint=False):
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
         # Read after taking the lock: the previous holder has committed by now, and under

@@ -144,6 +144,7 @@ def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
     )
 
 
+# A savepoint of its own: a budget that refuses undoes the holds already taken in the others.
 @transaction.atomic
 def budget_reserve(
     *,
@@ -195,19 +196,23 @@ def budget_reserve(
         price_input_per_1k=price_in,
         price_output_per_1k=price_out,
     )
-    reservation.usages.set([h.usage for h in holds])
+    QuotaReservation.usages.through.objects.bulk_create(
+        [
+            QuotaReservation.usages.through(quotareservation=reservation, budgetusage=h.usage)
+            for h in holds
+        ]
+    )
     return reservation
 
 
-def _finish(
-    reservation_id: int, status: str, tokens: int, cost: Decimal
-) -> QuotaReservation | None:
+def _finish(reservation: QuotaReservation, status: str, tokens: int, cost: Decimal) -> bool:
+    """Close a held reservation (False if it was already closed) and move its hold into use.
+    Its `tokens` and `cost` are those it was made with: they never change."""
     won = QuotaReservation.objects.filter(
-        pk=reservation_id, status=QuotaReservation.Status.HELD
+        pk=reservation.pk, status=QuotaReservation.Status.HELD
     ).update(status=status, settled_tokens=tokens, settled_cost=cost)
     if not won:
-        return None
-    reservation = QuotaReservation.objects.get(pk=reservation_id)
+        return False
     # One row at a time, in id order, as budget_reserve takes them.
     for usage_id in reservation.usages.order_by("id").values_list("id", flat=True):
         BudgetUsage.objects.filter(pk=usage_id).update(
@@ -216,10 +221,10 @@ def _finish(
             cost_reserved=F("cost_reserved") - reservation.cost,
             cost_used=F("cost_used") + cost,
         )
-    return reservation
+    return True
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def budget_settle(*, reservation_id: int, input_tokens: int, output_tokens: int) -> Decimal | None:
     """Count what the answer really used, at the prices of its reservation. Returns its cost,
     or None if the reservation was already settled or released."""
@@ -233,15 +238,18 @@ def budget_settle(*, reservation_id: int, input_tokens: int, output_tokens: int)
         price_out=reservation.price_output_per_1k,
     )
     finished = _finish(
-        reservation_id, QuotaReservation.Status.SETTLED, input_tokens + output_tokens, cost
+        reservation, QuotaReservation.Status.SETTLED, input_tokens + output_tokens, cost
     )
-    return cost if finished is not None else None
+    return cost if finished else None
 
 
-@transaction.atomic
+@transaction.atomic(savepoint=False)
 def budget_release(*, reservation_id: int) -> bool:
     """Give a held reservation back unused (the answer never started)."""
-    return _finish(reservation_id, QuotaReservation.Status.RELEASED, 0, Decimal(0)) is not None
+    reservation = QuotaReservation.objects.filter(pk=reservation_id).first()
+    if reservation is None:
+        return False
+    return _finish(reservation, QuotaReservation.Status.RELEASED, 0, Decimal(0))
 
 
 @dataclass(frozen=True)
