@@ -31,7 +31,7 @@ def purge_expired_data() -> dict[str, int]:
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate_job(job_id: int, deployment_id: int | None = None) -> None:
+def generate_job(job_id: int, deployment_id: int | None = None, public_id: str = "") -> None:
     from chat.api.generation import job_generate
 
-    job_generate(job_id=job_id, deployment_id=deployment_id)
+    job_generate(job_id=job_id, deployment_id=deployment_id, public_id=public_id)

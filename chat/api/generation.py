@@ -77,9 +77,12 @@ def _claim(job_id: int) -> Job | None:
 
 
 @config_snapshot()
-def job_generate(*, job_id: int, deployment_id: int | None = None) -> None:
-    public_id = Job.objects.filter(pk=job_id).values_list("public_id", flat=True).first()
-    if public_id is None:
+def job_generate(*, job_id: int, deployment_id: int | None = None, public_id: str = "") -> None:
+    # Tasks queued before the public id travelled with them look it up.
+    public_id = public_id or (
+        Job.objects.filter(pk=job_id).values_list("public_id", flat=True).first() or ""
+    )
+    if not public_id:
         return
     with HeartbeatLease(
         key=job_lease_key(public_id), ttl_seconds=settings.CHAT_GENERATION_LEASE_SECONDS
@@ -220,6 +223,7 @@ def _settle(
         Fate.HELD: "held_for_review",
     }.get(outcome.fate, result.finish_reason)
     usage_observe(alias=job.model_alias, version=version, outcome=outcome.fate, result=result)
+    finished_at = timezone.now()
     with transaction.atomic():
         won = Job.objects.filter(pk=job.pk, run=job.run, status=Job.Status.RUNNING).update(
             status=status,
@@ -228,7 +232,7 @@ def _settle(
             finish_reason=finish_reason,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
-            finished_at=timezone.now(),
+            finished_at=finished_at,
             # The version that answered: a fallback's, when the routed one could not.
             model_version=version,
         )
@@ -288,10 +292,26 @@ def _settle(
                 primary_latency_ms=served.latency_s * 1000,
                 primary_ttft_ms=result.time_to_first_token_s * 1000,
             )
+        # The settled fields travel with the event: a caller waiting on the job answers
+        # from them without reading the row again.
+        settled = {
+            "status": str(status),
+            "content": outcome.content,
+            "error": outcome.error,
+            "finish_reason": finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "finished_at": finished_at.isoformat(),
+        }
         transaction.on_commit(
             partial(
                 job_event_publish,
                 job.public_id,
-                {"type": "end", "status": str(status), "finish_reason": finish_reason},
+                {
+                    "type": "end",
+                    "status": str(status),
+                    "finish_reason": finish_reason,
+                    "settled": settled,
+                },
             )
         )

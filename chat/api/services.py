@@ -182,15 +182,16 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
         "user": body.get("user") or "",
     }
     error: ApiError | None = None
+    job = Job(
+        public_id=f"job_{secrets.token_hex(12)}",
+        user=api_key.user,
+        api_key=api_key,
+        model_alias=body["model"],
+        model_version=version,
+        request=request,
+    )
     with transaction.atomic():
-        job = Job.objects.create(
-            public_id=f"job_{secrets.token_hex(12)}",
-            user=api_key.user,
-            api_key=api_key,
-            model_alias=body["model"],
-            model_version=version,
-            request=request,
-        )
+        # Admitted first, so that the row is written once, as the decision left it.
         try:
             admission = turn_admit(
                 user=api_key.user,
@@ -206,38 +207,30 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
             )
         except ApiKeyInvalid as exc:
             raise unauthorized(str(exc)) from exc
-        job.finished_at = timezone.now()
         if isinstance(admission, Held):
             job.status = Job.Status.HELD_FOR_REVIEW
             job.safety_hold = admission.hold
             job.error = admission.reason
+            job.finished_at = timezone.now()
         elif isinstance(admission, Refusal):
             error = _refusal_error(admission)
             job.status = Job.Status.FAILED
             job.error, job.error_code = admission.reason, error.code or ""
+            job.finished_at = timezone.now()
         else:
-            job.finished_at = None
             job.reservation = admission
-            transaction.on_commit(partial(_enqueue, job.pk, deployment))
-        job.save(
-            update_fields=[
-                "status",
-                "safety_hold",
-                "error",
-                "error_code",
-                "reservation",
-                "finished_at",
-            ]
-        )
+        job.save(force_insert=True)
+        if job.status == Job.Status.QUEUED:
+            transaction.on_commit(partial(_enqueue, job, deployment))
     if error is not None:
         raise error
     return job
 
 
-def _enqueue(job_id: int, deployment: Deployment) -> None:
+def _enqueue(job: Job, deployment: Deployment) -> None:
     from chat.tasks import generate_job
 
-    generate_job.apply_async(args=(job_id, deployment.pk), queue=deployment.queue)
+    generate_job.apply_async(args=(job.pk, deployment.pk, job.public_id), queue=deployment.queue)
 
 
 def job_get_for_key(*, api_key: ApiKey, public_id: str) -> Job:

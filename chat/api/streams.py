@@ -4,6 +4,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -44,20 +45,35 @@ async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
                 return
 
 
-async def job_wait(job: Job) -> Job:
-    """The job once it has ended, or as it is after API_WAIT_SECONDS."""
+_SETTLED_FIELDS = frozenset(
+    {"status", "content", "error", "finish_reason", "prompt_tokens", "completion_tokens"}
+)
 
-    async def until_end() -> None:
+
+async def job_wait(job: Job) -> Job:
+    """The job once it has ended, or as it is after API_WAIT_SECONDS. A worker's end event
+    carries the fields it settled (after they were committed): the job is answered from them
+    without reading its row again."""
+
+    async def until_end() -> dict[str, Any] | None:
         async with aclosing(job_progress(job)) as progress:
             async for event in progress:
                 if event["type"] == "end":
-                    return
+                    return event
+        return None
 
+    end = None
     try:
-        await asyncio.wait_for(until_end(), timeout=settings.API_WAIT_SECONDS)
+        end = await asyncio.wait_for(until_end(), timeout=settings.API_WAIT_SECONDS)
     except TimeoutError:
         pass
-    return await Job.objects.aget(pk=job.pk)
+    settled = end.get("settled") if end else None
+    if not isinstance(settled, dict) or not _SETTLED_FIELDS | {"finished_at"} <= settled.keys():
+        return await Job.objects.aget(pk=job.pk)
+    for name in _SETTLED_FIELDS:
+        setattr(job, name, settled[name])
+    job.finished_at = datetime.fromisoformat(settled["finished_at"])
+    return job
 
 
 async def completion_chunks(
