@@ -143,7 +143,7 @@ def stages(clients: int) -> list[tuple[str, float, float]]:
     """Median and p95 (ms) of each stage of a request, from the job's own timestamps: into the
     web process and admitted (sent -> row created), waiting for a worker (created -> claimed),
     in the worker (claimed -> settled, the engine included), and back out (settled -> the
-    client has the response)."""
+    client has the response). The row is written after admission, so "in" includes it."""
     from chat.models import Job
 
     rows = {
@@ -238,7 +238,7 @@ def main() -> None:
         "in": "client sent -> job row created (web: auth, routing, filters, admission)",
         "queue": "job created -> claimed by a worker (commit, enqueue, broker, pickup, lease)",
         "worker": "claimed -> settled (engine, output filters, settle transaction)",
-        "out": "settled -> client has the response (event stream, row read, JSON)",
+        "out": "settled -> client has the response (rest of the settle, commit, end event, JSON)",
     }
     for name, median, p95 in stages(LEVELS[0]):
         print(f"| {labels[name]} | {median:.1f} | {p95:.1f} |")
