@@ -17,6 +17,8 @@ from models_admin.caches import (
     exact_cache_get,
     exact_cache_key,
     exact_cache_put,
+    exact_cache_served,
+    exact_cache_withdraw,
     semantic_cache_entry_promote,
     semantic_cache_entry_withdraw,
     semantic_cache_lookup,
@@ -34,7 +36,7 @@ class ReplyCache:
     question: str | None  # set when the turn may use the semantic cache
     namespace: str
     vector: list[float] | None = None
-    # The answer being generated, named on its semantic cache entry (see `answer_cache_*`).
+    # The answer being generated, named on its cache entries (see `answer_cache_*`).
     source_id: str = ""
 
     @classmethod
@@ -78,6 +80,7 @@ class ReplyCache:
         engine: Tokenizing,
         prompt_ids: list[int],
         params: SamplingParams,
+        source_id: str = "",
     ) -> "ReplyCache":
         """For an API request: the exact cache only. Its messages are the program's own, with
         no single question whose meaning could stand for the whole request."""
@@ -89,7 +92,7 @@ class ReplyCache:
                 prompt_text=str(engine.tokenizer.decode(prompt_ids)),
                 params=params,
             )
-        return cls(deployment, version, exact_key, None, "")
+        return cls(deployment, version, exact_key, None, "", source_id=source_id)
 
     def _observe(self, cache: str, hit: bool) -> None:
         metrics.cache_observe(
@@ -106,6 +109,12 @@ class ReplyCache:
             hit = exact_cache_get(key=self.exact_key)
             self._observe("exact", hit is not None)
             if hit is not None:
+                if self.deployment is not None:
+                    exact_cache_served(
+                        key=self.exact_key,
+                        source_id=self.source_id,
+                        ttl_seconds=self.deployment.cache_ttl_seconds,
+                    )
                 return _result(hit, "exact", prompt_ids, started), hit.text
         if self.question is not None and self.deployment is not None:
             found = semantic_cache_lookup(
@@ -125,7 +134,9 @@ class ReplyCache:
             return
         ttl = self.deployment.cache_ttl_seconds
         if self.exact_key is not None:
-            exact_cache_put(key=self.exact_key, result=result, ttl_seconds=ttl)
+            exact_cache_put(
+                key=self.exact_key, result=result, ttl_seconds=ttl, source_id=self.source_id
+            )
         if self.question is not None and self.vector is not None:
             semantic_cache_store(
                 version_id=self.version.pk,
@@ -168,5 +179,16 @@ def answer_cache_promote(*, answer_id: int, reviewed: bool, text: str = "") -> N
 
 
 def answer_cache_withdraw(*, answer_id: int) -> None:
-    """An answer rated down, reported, rejected or held is never served from the cache."""
+    """An answer rated down, reported, rejected or held is never served from the cache: the
+    entries made from it go, and so does the exact entry it was itself served from."""
     semantic_cache_entry_withdraw(source_id=str(answer_id))
+    exact_cache_withdraw(source_id=str(answer_id))
+
+
+def job_cache_source(public_id: str) -> str:
+    return f"job:{public_id}"
+
+
+def job_cache_withdraw(*, public_id: str) -> None:
+    """A job's answer that was held, blocked or rejected is not served from the cache."""
+    exact_cache_withdraw(source_id=job_cache_source(public_id))

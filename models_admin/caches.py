@@ -61,8 +61,15 @@ def exact_cache_get(*, key: str) -> CachedAnswer | None:
         return None
 
 
-def exact_cache_put(*, key: str, result: GenerationResult, ttl_seconds: int) -> None:
-    """Keep a finished answer; cancelled or empty answers are never cached."""
+def _exact_source_key(source_id: str) -> str:
+    return f"{_PREFIX}source:{source_id}"
+
+
+def exact_cache_put(
+    *, key: str, result: GenerationResult, ttl_seconds: int, source_id: str = ""
+) -> None:
+    """Keep a finished answer; cancelled or empty answers are never cached. `source_id` names
+    the answer it came from, so that `exact_cache_withdraw` can find the entry again."""
     if result.finish_reason not in ("stop", "length") or not result.text:
         return
     answer = CachedAnswer(
@@ -71,7 +78,28 @@ def exact_cache_put(*, key: str, result: GenerationResult, ttl_seconds: int) -> 
         finish_reason=result.finish_reason,
         token_logprobs=result.token_logprobs,
     )
-    cache.set(key, asdict(answer), timeout=ttl_seconds)
+    entries: dict[str, object] = {key: asdict(answer)}
+    if source_id:
+        entries[_exact_source_key(source_id)] = key
+    cache.set_many(entries, timeout=ttl_seconds)
+
+
+def exact_cache_served(*, key: str, source_id: str, ttl_seconds: int) -> None:
+    """Note that the answer `source_id` was served from the entry `key`: judging that answer
+    (rated down, rejected) judges the entry too."""
+    if source_id:
+        cache.set(_exact_source_key(source_id), key, timeout=ttl_seconds)
+
+
+def exact_cache_withdraw(*, source_id: str) -> bool:
+    """Remove the entry that the answer `source_id` came from or was served from. Returns
+    whether there was one."""
+    if not source_id:
+        return False
+    index = _exact_source_key(source_id)
+    key = cache.get(index)
+    cache.delete_many([index, *([key] if isinstance(key, str) else [])])
+    return isinstance(key, str)
 
 
 # -- Semantic cache (pgvector) ---------------------------------------------------------------

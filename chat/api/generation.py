@@ -21,7 +21,7 @@ from chat.api.review import job_review_queue
 from chat.api.services import job_cancel_key, job_lease_key
 from chat.leases import HeartbeatLease
 from chat.models import Job
-from chat.reply_cache import ReplyCache
+from chat.reply_cache import ReplyCache, job_cache_source, job_cache_withdraw
 from chat.review import answer_review_match
 from chat.serving import (
     Fate,
@@ -174,6 +174,7 @@ def _generate(job: Job, deployment_id: int | None) -> None:
                 engine=backend,
                 prompt_ids=prompt_ids,
                 params=params,
+                source_id=job_cache_source(job.public_id),
             )
             return Prepared(
                 prompt=Prompt(ids=prompt_ids, messages=request["messages"]),
@@ -238,6 +239,10 @@ def _settle(
         )
         if not won:
             return
+        if outcome.fate in (Fate.HELD, Fate.BLOCKED):
+            # The exact cache took the answer as the model gave it, before the filters and
+            # the review policies had their say: an answer no caller may see is not reused.
+            job_cache_withdraw(public_id=job.public_id)
         job.model_version = version
         hold_id = review_item_id = None
         hold = None

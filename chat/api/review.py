@@ -14,6 +14,7 @@ from django.db import transaction
 
 from chat.api.events import job_event_publish
 from chat.models import Job
+from chat.reply_cache import job_cache_withdraw
 from governance.models import ReviewItem, SafetyHold
 from governance.review_policies import PolicyMatch
 from governance.review_queue import review_item_queue_answer
@@ -68,6 +69,9 @@ def job_review_decision_apply(sender: object, item: ReviewItem, **kwargs: Any) -
     """Receiver of `review_decided` for jobs: complete or fail the held job, and say so."""
     if item.target_type != TARGET:
         return
+    if item.status == ReviewItem.Status.REJECTED:
+        # Also a sampled answer, delivered before review: it is not served again.
+        job_cache_withdraw(public_id=item.target_id)
     job = (
         Job.objects.select_for_update()
         .filter(public_id=item.target_id, status=Job.Status.HELD_FOR_REVIEW)

@@ -5,6 +5,8 @@ cannot be stored is refused with a clear error. Live server, real worker and mod
 import time
 
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.auth.models import Group
 
 from chat.models import Job
@@ -81,6 +83,24 @@ def test_a_deployment_that_needs_approval_holds_jobs_until_a_reviewer_approves(
         body = _job_done(api, job.public_id)
     assert body["status"] == "completed"
     assert "Paris" in body["result"]["choices"][0]["message"]["content"]
+
+
+def test_a_held_job_answer_is_not_kept_in_the_exact_cache(live_asgi_server: str) -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for key in client.scan_iter(match="*answer:exact:*"):
+        client.delete(key)
+    Deployment.objects.filter(alias="chat-default").update(exact_cache_enabled=True)
+    ReviewPolicy.objects.create(
+        name="approve all",
+        kind=ReviewPolicy.Kind.DEPLOYMENT_APPROVAL,
+        deployment=Deployment.objects.get(alias="chat-default"),
+    )
+    body = {"model": "chat-default", "messages": FRANCE, "max_tokens": 8, "temperature": 0}
+    with http(live_asgi_server, key_for()) as api:
+        for _ in range(2):
+            assert api.post("/chat/completions", json=body).status_code == 202
+    events = AuditEvent.objects.filter(action="job.generated").order_by("id")
+    assert [e.details["cache"] for e in events] == [None, None]
 
 
 def test_a_key_limited_to_some_models_sees_and_uses_only_those(live_asgi_server: str) -> None:

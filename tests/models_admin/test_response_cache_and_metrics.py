@@ -8,6 +8,7 @@ import redis
 from django.conf import settings
 from django.test import Client
 
+from chat.feedback import feedback_submit
 from chat.models import Message
 from chat.services import conversation_create, turn_submit
 from governance.models import AuditEvent, BudgetUsage, ReviewPolicy
@@ -79,6 +80,17 @@ def test_sampled_answers_are_never_in_the_exact_cache(chat_model) -> None:  # ty
     _answered(user, QUESTION)
     _answered(user, QUESTION)
     assert [e["cache"] for e in _generated_events()] == [None, None]
+
+
+def test_an_answer_rated_down_is_not_served_again_even_when_it_was_itself_a_cache_hit() -> None:
+    user = user_create()
+    _answered(user, QUESTION)
+    hit = _answered(user, QUESTION)
+    feedback_submit(user=user, message_id=hit.pk, rating=-1)
+    _answered(user, QUESTION)
+    # The model's new answer is cached in its turn.
+    _answered(user, QUESTION)
+    assert [e["cache"] for e in _generated_events()] == [None, "exact", None, "exact"]
 
 
 def _semantic_cache_on() -> None:
