@@ -11,9 +11,8 @@ from governance.models import ReviewPolicy
 from models_admin.models import Deployment
 from models_admin.routing import DeploymentUnavailable, route_choose
 from tests.chat.api_helpers import http, key_for
+from tests.chat.test_api_controls import FRANCE
 from tests.models_admin.registry_helpers import deployment_create, version_create
-
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import weakref
 from collections.abc import AsyncGenerator
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -43,6 +44,42 @@ def _async_pool() -> aioredis.ConnectionPool:
     if pool is None:
         pool = _async_pools[loop] = aioredis.ConnectionPool.from_url(settings.REDIS_URL)
     return pool
+
+
+# What a worker saves when it settles a job; its `end` event carries them (see `job_settled`).
+SETTLED_FIELDS = (
+    "status",
+    "content",
+    "error",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "finished_at",
+)
+
+
+def job_end_event(settled: dict[str, Any]) -> dict[str, Any]:
+    """The `end` event of a job the worker settled with these fields: a caller waiting on the
+    job answers from them without reading the row again."""
+    return {
+        "type": "end",
+        "status": str(settled["status"]),
+        "finish_reason": settled["finish_reason"],
+        "settled": {
+            **{name: settled[name] for name in SETTLED_FIELDS},
+            "status": str(settled["status"]),
+            "finished_at": settled["finished_at"].isoformat(),
+        },
+    }
+
+
+def job_settled(event: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The settled fields an `end` event carries, as the row holds them; None for an event
+    without them (a cancellation, a reviewer's decision)."""
+    settled = (event or {}).get("settled")
+    if not isinstance(settled, dict) or not set(SETTLED_FIELDS) <= settled.keys():
+        return None
+    return {**settled, "finished_at": datetime.fromisoformat(settled["finished_at"])}
 
 
 def job_event_publish(public_id: str, event: dict[str, Any]) -> None:

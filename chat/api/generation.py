@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from chat.api.events import job_event_publish
+from chat.api.events import job_end_event, job_event_publish
 from chat.api.review import job_review_queue
 from chat.api.services import job_cancel_key, job_lease_key
 from chat.leases import HeartbeatLease
@@ -224,16 +224,18 @@ def _settle(
         Fate.HELD: "held_for_review",
     }.get(outcome.fate, result.finish_reason)
     usage_observe(alias=job.model_alias, version=version, outcome=outcome.fate, result=result)
-    finished_at = timezone.now()
+    settled = {
+        "status": status,
+        "content": outcome.content,
+        "error": outcome.error,
+        "finish_reason": finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finished_at": timezone.now(),
+    }
     with transaction.atomic():
         won = Job.objects.filter(pk=job.pk, run=job.run, status=Job.Status.RUNNING).update(
-            status=status,
-            content=outcome.content,
-            error=outcome.error,
-            finish_reason=finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finished_at=finished_at,
+            **settled,
             # The version that answered: a fallback's, when the routed one could not.
             model_version=version,
         )
@@ -297,26 +299,4 @@ def _settle(
                 primary_latency_ms=served.latency_s * 1000,
                 primary_ttft_ms=result.time_to_first_token_s * 1000,
             )
-        # The settled fields travel with the event: a caller waiting on the job answers
-        # from them without reading the row again.
-        settled = {
-            "status": str(status),
-            "content": outcome.content,
-            "error": outcome.error,
-            "finish_reason": finish_reason,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "finished_at": finished_at.isoformat(),
-        }
-        transaction.on_commit(
-            partial(
-                job_event_publish,
-                job.public_id,
-                {
-                    "type": "end",
-                    "status": str(status),
-                    "finish_reason": finish_reason,
-                    "settled": settled,
-                },
-            )
-        )
+        transaction.on_commit(partial(job_event_publish, job.public_id, job_end_event(settled)))

@@ -4,13 +4,12 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from datetime import datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chat.api.events import job_events_read
+from chat.api.events import job_events_read, job_settled
 from chat.api.presenters import chunk_body, job_body, job_error, sse, usage_body
 from chat.api.services import job_cancel
 from chat.models import Job
@@ -45,11 +44,6 @@ async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
                 return
 
 
-_SETTLED_FIELDS = frozenset(
-    {"status", "content", "error", "finish_reason", "prompt_tokens", "completion_tokens"}
-)
-
-
 async def job_wait(job: Job) -> Job:
     """The job once it has ended, or as it is after API_WAIT_SECONDS. A worker's end event
     carries the fields it settled (after they were committed): the job is answered from them
@@ -67,12 +61,11 @@ async def job_wait(job: Job) -> Job:
         end = await asyncio.wait_for(until_end(), timeout=settings.API_WAIT_SECONDS)
     except TimeoutError:
         pass
-    settled = end.get("settled") if end else None
-    if not isinstance(settled, dict) or not _SETTLED_FIELDS | {"finished_at"} <= settled.keys():
+    settled = job_settled(end)
+    if settled is None:
         return await Job.objects.aget(pk=job.pk)
-    for name in _SETTLED_FIELDS:
-        setattr(job, name, settled[name])
-    job.finished_at = datetime.fromisoformat(settled["finished_at"])
+    for name, value in settled.items():
+        setattr(job, name, value)
     return job
 
 

@@ -5,8 +5,6 @@ cannot be stored is refused with a clear error. Live server, real worker and mod
 import time
 
 import pytest
-import redis
-from django.conf import settings
 from django.contrib.auth.models import Group
 
 from chat.models import Job
@@ -22,6 +20,7 @@ from models_admin.models import Deployment
 from tests.chat.api_helpers import http, key_for
 from tests.chat.test_fallback_and_shadow import primary_down_with_fallback
 from tests.factories import user_create
+from tests.models_admin.test_response_cache_and_metrics import exact_cache_on_and_empty
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_model")]
 
@@ -86,10 +85,7 @@ def test_a_deployment_that_needs_approval_holds_jobs_until_a_reviewer_approves(
 
 
 def test_a_held_job_answer_is_not_kept_in_the_exact_cache(live_asgi_server: str) -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    for key in client.scan_iter(match="*answer:exact:*"):
-        client.delete(key)
-    Deployment.objects.filter(alias="chat-default").update(exact_cache_enabled=True)
+    exact_cache_on_and_empty()
     ReviewPolicy.objects.create(
         name="approve all",
         kind=ReviewPolicy.Kind.DEPLOYMENT_APPROVAL,

@@ -20,13 +20,17 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 ROUTE = "chat-default"
 
 
-@pytest.fixture(autouse=True)
-def _exact_cache_on_and_empty(chat_model) -> None:  # type: ignore[no-untyped-def]
-    # Redis outlives each test's database: start every test with no cached answers.
+def exact_cache_on_and_empty() -> None:
+    # Redis outlives each test's database: start with no cached answers.
     client = redis.Redis.from_url(settings.REDIS_URL)
     for key in client.scan_iter(match="*answer:exact:*"):
         client.delete(key)
     Deployment.objects.filter(alias=ROUTE).update(exact_cache_enabled=True)
+
+
+@pytest.fixture(autouse=True)
+def _exact_cache_on_and_empty(chat_model) -> None:  # type: ignore[no-untyped-def]
+    exact_cache_on_and_empty()
 
 
 QUESTION = "Name two planets of the solar system."
