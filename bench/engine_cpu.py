@@ -37,6 +37,7 @@ from models_admin.importing import (  # noqa: E402
     artifact_convert_gguf,
     default_gguf_path,
 )
+from models_admin.llama import CPU_WEIGHTS  # noqa: E402
 from models_admin.store import artifact_dir  # noqa: E402
 
 PROMPTS = [
@@ -220,11 +221,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--weights", choices=["fp16", "fp32"], default="fp16")
+    parser.add_argument("--weights", choices=list(CPU_WEIGHTS), default="auto")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     args = parser.parse_args()
 
+    threads = torch.get_num_threads()
     artifact = artifact_convert_gguf(
         gguf_path=default_gguf_path(), artifact_path=f"{DEFAULT_MODEL_NAME}/{DEFAULT_MODEL_VERSION}"
     )
@@ -234,14 +236,18 @@ def main() -> None:
         expected_sha256=artifact.sha256,
         max_batch=args.streams,
         max_len=2048,
-        cpu_fp16_weights=args.weights == "fp16",
+        cpu_weights=args.weights,
     )
     prompts = [
         engine.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}])
         for p in PROMPTS
     ]
     rows, ours = bench_ours(engine, prompts, args.tokens, args.streams)
+    decode_weights = engine.runner.decode_weights
     del engine
+    # The engine leaves other threads one core each (engine._cpu_threads_confine); the
+    # baselines get every core back.
+    torch.set_num_threads(threads)
     agreement = ""
     if not args.skip_generate:
         more, reference = bench_generate(directory, prompts, args.tokens, args.streams)
@@ -252,7 +258,8 @@ def main() -> None:
 
     print(
         f"# engine on CPU: {DEFAULT_MODEL_NAME}, {args.tokens}-token answers, "
-        f"our weights {args.weights}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"our weights {args.weights} (decode: {decode_weights}), "
+        f"torch {torch.__version__}, {threads} threads"
     )
     print(f"# machine: {machine_describe()}")
     print()

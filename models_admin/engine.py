@@ -152,12 +152,12 @@ class Engine:
         expected_sha256: str,
         max_batch: int | None = None,
         max_len: int | None = None,
-        cpu_fp16_weights: bool | None = None,
+        cpu_weights: str | None = None,
     ):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from models_admin.llama import LlamaRunner
+        from models_admin.llama import LlamaRunner, PrefixCache
         from models_admin.store import artifact_sha256
 
         actual = artifact_sha256(directory)
@@ -170,33 +170,50 @@ class Engine:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if max_batch is None:
             max_batch = int(os.environ.get("ENGINE_MAX_BATCH", "8"))
-        if cpu_fp16_weights is None:
-            cpu_fp16_weights = os.environ.get("ENGINE_CPU_WEIGHTS", "fp16") == "fp16"
+        if cpu_weights is None:
+            cpu_weights = os.environ.get("ENGINE_CPU_WEIGHTS", "auto")
         config = AutoConfig.from_pretrained(directory)
         max_len = max_len or int(getattr(config, "max_position_embeddings", 2048))
         _memory_check(directory, config, max_batch=max_batch, max_len=max_len, dtype=dtype)
 
         started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        hf_model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        self.eos_token_ids = _eos_ids(hf_model.generation_config, self.tokenizer)
-        self.runner = LlamaRunner(
-            hf_model,
-            device=self.device,
-            dtype=dtype,
-            max_batch=max_batch,
-            max_len=max_len,
-            cpu_fp16_weights=cpu_fp16_weights,
-            # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
-            compile_steps=self.device.type == "cuda" and os.environ.get("ENGINE_COMPILE") != "0",
-            compile_scope=os.environ.get("ENGINE_COMPILE_SCOPE", "model"),
-        )
-        self.runner.warm_up()
-        del hf_model
         self.max_batch = max_batch
         self.max_len = max_len
-        # Prompt tokens per prefill forward: bounds the wait of those already decoding.
-        self.prefill_tokens = int(os.environ.get("ENGINE_PREFILL_TOKENS", "2048"))
+
+        def load() -> None:
+            hf_model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+            self.eos_token_ids = _eos_ids(hf_model.generation_config, self.tokenizer)
+            self.runner = LlamaRunner(
+                hf_model,
+                device=self.device,
+                dtype=dtype,
+                max_batch=max_batch,
+                max_len=max_len,
+                cpu_weights=cpu_weights,
+                # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
+                compile_steps=self.device.type == "cuda"
+                and os.environ.get("ENGINE_COMPILE") != "0",
+                compile_scope=os.environ.get("ENGINE_COMPILE_SCOPE", "model"),
+            )
+            self.runner.warm_up()
+
+        # Prompt tokens per prefill forward: bounds the wait of those already decoding. On the
+        # CPU a prefill is compute-bound and its time grows with the tokens in it, so prompts
+        # go one per forward (a chunk always takes its first prompt) and each gets its first
+        # token as soon as it is done: with 8 chat prompts arriving at once, time to first
+        # token p50 went from 431 ms (all in one forward) to 289 ms, for about 10% more prefill
+        # time in total. A prompt prefilled alone also gives the same cache entries whatever
+        # arrives beside it (see `LlamaRunner.row_attention`).
+        default_budget = "2048" if self.device.type == "cuda" else "1"
+        self.prefill_tokens = int(os.environ.get("ENGINE_PREFILL_TOKENS", default_budget))
+        # On the CPU a prompt prefilled alone is cut into blocks, and the cache entries of
+        # blocks that other prompts began with (a shared system prompt) are copied, not
+        # computed again.
+        self.prefixes: PrefixCache | None = None
+        if self.device.type == "cpu":
+            megabytes = int(os.environ.get("ENGINE_PREFIX_CACHE_MB", "128"))
+            self.prefixes = PrefixCache(megabytes << 20) if megabytes > 0 else None
         self.stats = EngineStats()
         self.label = f"{directory.parent.name}/{directory.name}"
         self._batch_size = metrics.BATCH_SIZE.labels(model=self.label)
@@ -204,14 +221,24 @@ class Engine:
         self._waiting: list[_Request] = []
         self._active: list[_Request] = []
         self._wake = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # The decoding thread loads the model itself: see `_cpu_threads_confine`.
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(load, loaded, failure), name="engine", daemon=True
+        )
         self._thread.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
+        if self.device.type == "cpu":
+            _cpu_threads_confine()
         logger.info(
-            "Loaded %s on %s (%s, %s weights, %d slots of %d tokens) in %.1fs",
+            "Loaded %s on %s (%s, %s decode weights, %d slots of %d tokens) in %.1fs",
             directory,
             self.device,
             dtype,
-            "fp16" if cpu_fp16_weights and self.device.type == "cpu" else str(dtype),
+            self.runner.decode_weights,
             max_batch,
             max_len,
             time.perf_counter() - started,
@@ -341,6 +368,23 @@ class Engine:
 
     # -- the decoding thread -----------------------------------------------------------------
 
+    def _run(
+        self, load: Callable[[], None], loaded: threading.Event, failure: list[BaseException]
+    ) -> None:
+        try:
+            if self.device.type == "cpu":
+                import torch
+
+                # Every core, whatever an earlier engine's confinement left for new threads.
+                torch.set_num_threads(_cpu_cores())
+            load()
+        except BaseException as exc:
+            failure.append(exc)
+            return
+        finally:
+            loaded.set()
+        self._loop()
+
     def _loop(self) -> None:
         while True:
             with self._wake:
@@ -405,7 +449,12 @@ class Engine:
         first_slot = len(self._active)
         slots = list(range(first_slot, first_slot + len(chunk)))
         try:
-            result = self.runner.prefill(slots=slots, prompts=[r.prompt_ids for r in chunk])
+            if self.prefixes is not None and len(chunk) == 1:
+                result = self.runner.prefill_blocks(
+                    slot=slots[0], prompt=chunk[0].prompt_ids, prefixes=self.prefixes
+                )
+            else:
+                result = self.runner.prefill(slots=slots, prompts=[r.prompt_ids for r in chunk])
         except Exception as exc:
             logger.exception("Prefill failed")
             for request in chunk:
@@ -507,6 +556,27 @@ class Engine:
                 # written; the newest token is written at the next step).
                 self.runner.slot_move(source=len(self._active), target=i, length=last.length)
                 self._active[i] = last
+
+
+def _cpu_cores() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+
+def _cpu_threads_confine() -> None:
+    """Leave the CPU's parallelism to the decoding threads: other threads run torch on one core.
+
+    PyTorch parallelises an operation over OpenMP threads, and every thread that starts such an
+    operation gets its own team of them. Once there are more of those threads than cores,
+    libgomp stops letting idle ones spin between operations, and each of the decode step's
+    hundreds of operations then waits for a sleeping thread to wake: measured on 2 cores, a
+    step of SmolLM2-135M took 20 ms instead of 12 once a second thread (the one that had
+    loaded the model) had run any parallel operation. So the decoding thread loads its model
+    itself, and afterwards threads that have not yet run torch (Celery's task threads) run it
+    on one thread each. Called from the thread that created the engine, which is included.
+    """
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _memory_check(

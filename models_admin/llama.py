@@ -12,10 +12,16 @@ tokenizer still come from transformers; only the step itself is ours.
 
 On the CPU, linear layers keep their weights in fp16 (fbgemm's packed fp16 GEMM, fp32
 activations): half the memory traffic of fp32, and greedy answers equal to fp32 ones on our test
-prompts. On CUDA everything is bf16 with scaled-dot-product attention.
+prompts. A model whose weights already sit on a 4-bit grid (one imported from a Q4_0 / Q4_1 GGUF
+file) also decodes with them in that form: 4-bit groups of 32 with a scale and an offset each,
+read by PyTorch's int4 CPU kernel (bf16 activations). A decode step of one sequence reads a
+quarter of the bytes and takes about half the time in its linear layers; prompts are still
+prefilled with the fp16 weights, where the fp16 GEMM is faster. On CUDA everything is bf16 with
+scaled-dot-product attention.
 """
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,14 +64,77 @@ class _Linear:
         return self.weight.numel() * self.weight.element_size()
 
 
+# Weights on the CPU: "fp32", "fp16" (packed), "int4" (4-bit decode weights for every layer that
+# fits the kernel, fp16 otherwise) or "auto" (int4 where the weights already sit on a 4-bit grid).
+CPU_WEIGHTS = ("auto", "int4", "fp16", "fp32")
+INT4_GROUP = 32
+
+
+def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """4-bit codes [N, K] (int32), scales and minimums [N, K / 32] of groups of 32 inputs.
+
+    Round to nearest between each group's minimum and maximum, as GGUF's Q4_1 does: for weights
+    dequantised from such a file this finds the file's own codes again. None when the shape
+    does not fit PyTorch's int4 CPU kernel (K a multiple of 32, N of 16).
+    """
+    n, k = weight.shape
+    if k % INT4_GROUP or n % 16:
+        return None
+    groups = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    low = groups.amin(-1)
+    scale = ((groups.amax(-1) - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+    return codes.to(torch.int32).reshape(n, k), scale, low
+
+
+def on_int4_grid(weight: torch.Tensor) -> bool:
+    """Whether 4-bit groups of 32 hold these weights as they are (to 1% of a step)."""
+    found = _int4_groups(weight)
+    if found is None:
+        return False
+    codes, scale, low = found
+    n, k = weight.shape
+    rebuilt = codes.reshape(n, k // INT4_GROUP, INT4_GROUP) * scale[..., None] + low[..., None]
+    error = (rebuilt - weight.float().reshape(rebuilt.shape)).abs() / scale[..., None]
+    return bool(error.max() <= 0.01)
+
+
+class _Int4Linear:
+    """y = x W^T (+ b) with W in 4-bit groups of 32 (bf16 scale and offset per group).
+
+    PyTorch's int4 CPU kernel takes bf16 activations and gives bf16 outputs (accumulating in
+    fp32); the result returns to fp32 for the rest of the step. Its rows do not depend on each
+    other (nor, with `LlamaRunner.row_attention`, does the rest of a step), so a sequence
+    decodes the same tokens alone or in a batch.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bias: Any):
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # The kernel computes (code - 8) * scale + zero.
+        zero = low + 8 * scale
+        self.scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+        self.scales_zeros = self.scales_zeros.to(torch.bfloat16)
+        self.bias = bias.float() if bias is not None else None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + self.scales_zeros.nbytes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros
+        ).float()
+        return y + self.bias if self.bias is not None else y
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
-    qkv: _Linear
-    o: _Linear
+    qkv: _Linear | _Int4Linear
+    o: _Linear | _Int4Linear
     mlp_norm: torch.Tensor
-    gate_up: _Linear
-    down: _Linear
+    gate_up: _Linear | _Int4Linear
+    down: _Linear | _Int4Linear
 
 
 class StepResult:
@@ -86,6 +155,55 @@ class StepResult:
             self._ready.synchronize()
         tokens, logprobs = self._picks.tolist()
         return [(int(t), float(v)) for t, v in zip(tokens, logprobs, strict=True)]
+
+
+class PrefixCache:
+    """Cache entries of prompt prefixes, by the prefix's tokens; least recently used go first.
+
+    An entry is one block of positions `[start, end)`: per layer, its keys and values
+    ([kv heads, end - start, head dim] each). Its key is every token up to `end`, because the
+    entries of a block depend on all the tokens before it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = (
+            OrderedDict()
+        )
+
+    def get(self, tokens: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        block = self._entries.get(tokens)
+        if block is not None:
+            self._entries.move_to_end(tokens)
+            self.hits += 1
+        return block
+
+    def put(self, tokens: tuple[int, ...], block: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in block)
+        if size > self.max_bytes or tokens in self._entries:
+            return
+        self._entries[tokens] = block
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= sum(k.nbytes + v.nbytes for k, v in old)
+
+
+def prefix_blocks(length: int) -> list[int]:
+    """Where a prompt of `length` tokens is cut for prefilling: 16, 32, 64, ... then its end.
+
+    The cuts depend on nothing but the length, so a prompt is computed the same way whether
+    its first blocks come from the cache or not; doubling keeps a long prompt to a few
+    forwards.
+    """
+    ends = []
+    end = 16
+    while end < length:
+        ends.append(end)
+        end *= 2
+    return [*ends, length]
 
 
 def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +232,7 @@ class LlamaRunner:
         dtype: torch.dtype,
         max_batch: int,
         max_len: int,
-        cpu_fp16_weights: bool = True,
+        cpu_weights: str = "fp16",
         compile_steps: bool = False,
         compile_scope: str = "model",
         compile_backend: Any = "inductor",
@@ -135,12 +253,15 @@ class LlamaRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.eps = float(config.rms_norm_eps)
         self.vocab = config.vocab_size
-        packed = device.type == "cpu" and cpu_fp16_weights
+        if cpu_weights not in CPU_WEIGHTS:
+            raise ValueError(f"cpu_weights is one of {CPU_WEIGHTS}, not {cpu_weights!r}")
+        cpu = device.type == "cpu"
+        packed = cpu and cpu_weights != "fp32"
 
         inner = hf_model.model
 
-        def lin(*modules: Any) -> _Linear:
-            weight = torch.cat([m.weight.detach() for m in modules]).to(device, dtype)
+        def joined(*modules: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = torch.cat([m.weight.detach() for m in modules])
             biases = [m.bias for m in modules]
             bias = None
             if any(b is not None for b in biases):
@@ -149,25 +270,65 @@ class LlamaRunner:
                         b.detach() if b is not None else torch.zeros(m.weight.shape[0])
                         for b, m in zip(biases, modules, strict=True)
                     ]
-                ).to(device, dtype)
-            return _Linear(weight, bias, packed_fp16=packed)
+                )
+            return weight, bias
 
-        self.layers: list[_Layer] = []
+        def lin(weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear:
+            bias = bias.to(device, dtype) if bias is not None else None
+            return _Linear(weight.to(device, dtype), bias, packed_fp16=packed)
+
+        linears = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                _Layer(
-                    attn_norm=layer.input_layernorm.weight.detach().to(device, dtype),
-                    qkv=lin(attn.q_proj, attn.k_proj, attn.v_proj),
-                    o=lin(attn.o_proj),
-                    mlp_norm=layer.post_attention_layernorm.weight.detach().to(device, dtype),
-                    gate_up=lin(mlp.gate_proj, mlp.up_proj),
-                    down=lin(mlp.down_proj),
-                )
+            linears.append(
+                {
+                    "qkv": joined(attn.q_proj, attn.k_proj, attn.v_proj),
+                    "o": joined(attn.o_proj),
+                    "gate_up": joined(mlp.gate_proj, mlp.up_proj),
+                    "down": joined(mlp.down_proj),
+                }
             )
+        int4 = cpu and cpu_weights == "int4"
+        if cpu and cpu_weights == "auto":
+            int4 = all(on_int4_grid(w) for parts in linears for w, _b in parts.values())
+        self.decode_weights = "int4" if int4 else ("fp16" if packed else str(dtype))
+
+        # Prefill reads `layers`; decode steps read `decode_layers` (the same objects unless
+        # the decode weights are 4-bit).
+        self.layers: list[_Layer] = []
+        self.decode_layers: list[_Layer] = []
+        for layer, parts in zip(inner.layers, linears, strict=True):
+            norms = (
+                layer.input_layernorm.weight.detach().to(device, dtype),
+                layer.post_attention_layernorm.weight.detach().to(device, dtype),
+            )
+
+            def layer_of(made: dict[str, _Linear | _Int4Linear], norms: Any = norms) -> _Layer:
+                return _Layer(
+                    attn_norm=norms[0],
+                    qkv=made["qkv"],
+                    o=made["o"],
+                    mlp_norm=norms[1],
+                    gate_up=made["gate_up"],
+                    down=made["down"],
+                )
+
+            prefill: dict[str, _Linear | _Int4Linear] = {
+                name: lin(w, b) for name, (w, b) in parts.items()
+            }
+            self.layers.append(layer_of(prefill))
+            if not int4:
+                self.decode_layers.append(self.layers[-1])
+                continue
+            decode = dict(prefill)
+            for name, (w, b) in parts.items():
+                groups = _int4_groups(w)
+                if groups is not None:
+                    decode[name] = _Int4Linear(*groups, b)
+            self.decode_layers.append(layer_of(decode))
         self.embed = inner.embed_tokens.weight.detach().to(device, dtype)
         self.final_norm = inner.norm.weight.detach().to(device, dtype)
-        self.lm_head = lin(hf_model.lm_head)
+        self.lm_head = lin(*joined(hf_model.lm_head))
 
         # One position past the context window: decode padding rows write there, and no
         # attention span ever covers the whole cache (see `scratch`).
@@ -182,6 +343,12 @@ class LlamaRunner:
         self.sin = (emb.sin() * scaling).to(dtype)
 
         self.use_graphs = device.type == "cuda"
+        # On the CPU each row of a decode step attends alone over exactly its own span. Over a
+        # batch's common span (masked), the sums inside attention are grouped differently as
+        # the span changes, so a row's output would depend, in its last bits, on the other
+        # rows; with bf16 activations (the int4 weights) such differences grow into different
+        # greedy tokens. One call per row costs about 0.3 ms per layer at 8 rows on 2 cores.
+        self.row_attention = device.type == "cpu"
         self._last_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self.graph_pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -316,6 +483,65 @@ class LlamaRunner:
         _tokens, picks = _greedy(logits)
         return self._result(logits, picks)
 
+    @torch.inference_mode()
+    def prefill_blocks(
+        self, *, slot: int, prompt: list[int], prefixes: PrefixCache | None
+    ) -> StepResult:
+        """Prefill one prompt block by block (`prefix_blocks`), taking leading blocks that
+        `prefixes` holds from it and adding the ones computed here (all but the last).
+        """
+        ends = prefix_blocks(len(prompt))
+        start = 0
+        for end in ends[:-1]:
+            block = prefixes.get(tuple(prompt[:end])) if prefixes is not None else None
+            if block is None:
+                break
+            for (k, v), k_cache, v_cache in zip(block, self.k_cache, self.v_cache, strict=True):
+                k_cache[slot, :, start:end] = k
+                v_cache[slot, :, start:end] = v
+            start = end
+        for end in ends:
+            if end <= start:
+                continue
+            h = self._extend_body(prompt[start:end], slot, start)
+            if end == len(prompt):
+                logits = self.logits(h[-1:])
+                _tokens, picks = _greedy(logits)
+                return self._result(logits, picks)
+            if prefixes is not None:
+                block = [
+                    (k[slot, :, start:end].clone(), v[slot, :, start:end].clone())
+                    for k, v in zip(self.k_cache, self.v_cache, strict=True)
+                ]
+                prefixes.put(tuple(prompt[:end]), block)
+            start = end
+        raise AssertionError("the last block ends the prompt")
+
+    def _extend_body(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
+        """Tokens at positions start.. of one slot, attending to its cache before them too:
+        the hidden states [t, hidden] after the last layer (unnormalised)."""
+        t = len(tokens)
+        end = start + t
+        h = self.embed[self._to_device(tokens)]
+        cos = self.cos[start:end].unsqueeze(1)
+        sin = self.sin[start:end].unsqueeze(1)
+        # Query i (position start + i) sees keys 0 .. start + i.
+        visible = torch.ones(t, end, dtype=torch.bool, device=self.device).tril(start)
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            k_cache[slot, :, start:end] = k.transpose(0, 1)
+            v_cache[slot, :, start:end] = v.transpose(0, 1)
+            attn = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k_cache[slot : slot + 1, :, :end],
+                v_cache[slot : slot + 1, :, :end],
+                attn_mask=visible,
+                enable_gqa=True,
+            )
+            h = h + layer.o(attn[0].transpose(0, 1).reshape(t, -1))
+            h = h + self._mlp(layer, h)
+        return h
+
     def _prefill_body(
         self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
     ) -> torch.Tensor:
@@ -356,24 +582,32 @@ class LlamaRunner:
         h = h + layer.o(attn.transpose(1, 2).reshape(n * t, -1))
         return h, self._mlp(layer, h)
 
-    def _decode_body(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
-        """The decode step on tensors: logits [B, V] (CUDA captures it as a graph)."""
+    def _decode_body(
+        self, ids: torch.Tensor, pos: torch.Tensor, span: int, spans: list[int] | None = None
+    ) -> torch.Tensor:
+        """The decode step on tensors: logits [B, V] (CUDA captures it as a graph).
+
+        With `spans` (each row's own attention span), every row attends alone over exactly its
+        own cache entries; otherwise all rows attend at once over `span` entries, masked.
+        """
         b = ids.shape[0]
         h = self.embed[ids]
         cos = self.cos[pos].unsqueeze(1)
         sin = self.sin[pos].unsqueeze(1)
         rows = torch.arange(b, device=self.device)
-        # Slot i may only see its own first pos[i] + 1 cache entries. An additive mask made once
-        # per step (a boolean one is converted again inside every attention call).
-        visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        mask = None
+        if spans is None:
+            # Slot i may only see its own first pos[i] + 1 cache entries. An additive mask made
+            # once per step (a boolean one is converted again inside every attention call).
+            visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
         # Each layer hands its MLP output on unadded: the next layer adds it just before its
         # norm, so that compiled one layer at a time, the add and the norm still fuse.
         delta = torch.zeros_like(h)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decode_layers):
             h, delta = self.decode_layer(
-                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, rows, pos, mask
+                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, rows, pos, mask, spans
             )
         return self.logits(h + delta)
 
@@ -388,11 +622,11 @@ class LlamaRunner:
         sin: torch.Tensor,
         rows: torch.Tensor,
         pos: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
+        spans: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer of the decode step: (h, MLP output) for the next layer to add."""
         b = h.shape[0]
-        span = mask.shape[-1]
         h = h + delta
         q, k, v = self._qkv(layer, h, cos, sin)
         k_cache[rows, :, pos] = k
@@ -400,9 +634,21 @@ class LlamaRunner:
         # Grouped-query attention without expanding the cache: the query heads that share a KV
         # head take the place of the query length (one token each).
         q = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-        keys = k_cache[:b, :, :span]
-        values = v_cache[:b, :, :span]
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if spans is None:
+            assert mask is not None
+            span = mask.shape[-1]
+            keys = k_cache[:b, :, :span]
+            values = v_cache[:b, :, :span]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            attn = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[i : i + 1], k_cache[i : i + 1, :, :n], v_cache[i : i + 1, :, :n]
+                    )
+                    for i, n in enumerate(spans)
+                ]
+            )
         h = h + layer.o(attn.reshape(b, -1))
         return h, self._mlp(layer, h)
 
@@ -425,7 +671,8 @@ class LlamaRunner:
             return self._decode_graphed(token_ids, positions, span)
         ids = self._last_tokens[:b] if token_ids is None else self._to_device(token_ids)
         pos = self._to_device(positions)
-        logits = self.decode_body(ids, pos, span)
+        spans = [p + 1 for p in positions] if self.row_attention else None
+        logits = self.decode_body(ids, pos, span, spans)
         tokens, picks = _greedy(logits)
         self._last_tokens = tokens
         return self._result(logits[:b], picks[:, :b])

@@ -187,3 +187,47 @@ def test_a_prompt_longer_than_the_window_is_refused_with_the_limit(engine: Engin
 
     with pytest.raises(EngineError, match="at most 1024"):
         engine.generate([1] * 2000, SamplingParams(max_tokens=4))
+
+
+def test_the_q4_model_decodes_with_its_own_4bit_weights_which_random_weights_are_not(
+    engine: Engine,
+) -> None:
+    import torch
+
+    from models_admin.llama import _Int4Linear, on_int4_grid
+
+    assert engine.runner.decode_weights == "int4"
+    layer = engine.runner.decode_layers[0]
+    assert isinstance(layer.gate_up, _Int4Linear)
+    # Prefill keeps fp16 weights; the 4-bit ones hold the same values (the difference is the
+    # bf16 rounding of the activations and outputs, well under 1%).
+    x = torch.randn(3, engine.runner.embed.shape[1])
+    fp16 = engine.runner.layers[0].gate_up(x)
+    int4 = layer.gate_up(x)
+    assert float((int4 - fp16).norm() / fp16.norm()) < 0.01
+    assert not on_int4_grid(torch.randn(64, 64))
+
+
+def test_a_prompt_that_begins_like_an_earlier_one_takes_its_first_block_from_the_cache(
+    engine: Engine,
+) -> None:
+    from models_admin.llama import PrefixCache
+
+    system = {"role": "system", "content": "You are a helpful assistant. Answer concisely."}
+    prompts = [
+        engine.encode_chat([system, {"role": "user", "content": text}]) for text in PROMPTS[:2]
+    ]
+    assert prompts[0][:16] == prompts[1][:16] and len(prompts[1]) > 16
+    params = SamplingParams(max_tokens=24)
+    saved = engine.prefixes
+    try:
+        engine.prefixes = PrefixCache(16 << 20)
+        engine.generate(prompts[0], params)
+        warm = engine.generate(prompts[1], params)
+        assert engine.prefixes.hits == 1
+        engine.prefixes = PrefixCache(16 << 20)
+        cold = engine.generate(prompts[1], params)
+        assert engine.prefixes.hits == 0
+    finally:
+        engine.prefixes = saved
+    assert warm.text == cold.text and warm.text

@@ -35,7 +35,7 @@ def _runner(
         dtype=torch.float32,
         max_batch=8,
         max_len=256,
-        cpu_fp16_weights=False,
+        cpu_weights="fp32",
         compile_steps=counter is not None,
         compile_scope=scope,
         compile_backend=counter,
