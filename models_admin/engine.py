@@ -221,17 +221,24 @@ class Engine:
         self._waiting: list[_Request] = []
         self._active: list[_Request] = []
         self._wake = threading.Condition()
-        # The decoding thread loads the model itself: see `_cpu_threads_confine`.
+        # On the CPU the decoding thread loads the model itself (see `_cpu_threads_confine`);
+        # on a GPU the model is loaded, compiled and captured here.
+        on_cpu = self.device.type == "cpu"
+        if not on_cpu:
+            load()
         loaded = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(
-            target=self._run, args=(load, loaded, failure), name="engine", daemon=True
+            target=self._run,
+            args=(load if on_cpu else None, loaded, failure),
+            name="engine",
+            daemon=True,
         )
         self._thread.start()
         loaded.wait()
         if failure:
             raise failure[0]
-        if self.device.type == "cpu":
+        if on_cpu:
             _cpu_threads_confine()
         logger.info(
             "Loaded %s on %s (%s, %s decode weights, %d slots of %d tokens) in %.1fs",
@@ -369,15 +376,18 @@ class Engine:
     # -- the decoding thread -----------------------------------------------------------------
 
     def _run(
-        self, load: Callable[[], None], loaded: threading.Event, failure: list[BaseException]
+        self,
+        load: Callable[[], None] | None,
+        loaded: threading.Event,
+        failure: list[BaseException],
     ) -> None:
         try:
-            if self.device.type == "cpu":
+            if load is not None:
                 import torch
 
                 # Every core, whatever an earlier engine's confinement left for new threads.
                 torch.set_num_threads(_cpu_cores())
-            load()
+                load()
         except BaseException as exc:
             failure.append(exc)
             return
