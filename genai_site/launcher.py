@@ -66,10 +66,19 @@ def _manage(*args: str) -> None:
     subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True)
 
 
+def default_concurrency() -> int:
+    """Task threads per worker: as many as the engine has slots (`ENGINE_MAX_BATCH`), so that
+    every slot can be generating at once (with 4 threads, 8 slots never held more than 4)."""
+    return int(os.environ.get("WORKER_CONCURRENCY") or os.environ.get("ENGINE_MAX_BATCH", "8"))
+
+
 def worker_command(
-    queues: str = "inference,default", concurrency: int = 4, beat_schedule: Path | None = None
+    queues: str = "inference,default",
+    concurrency: int | None = None,
+    beat_schedule: Path | None = None,
 ) -> list[str]:
     """The worker; with `beat_schedule`, it also runs Celery beat (the retention purge)."""
+    concurrency = concurrency or default_concurrency()
     beat = ["--beat", "--schedule", str(beat_schedule)] if beat_schedule else []
     return [
         str(BIN / "celery"),
@@ -148,7 +157,7 @@ def run(command: list[str]) -> int:
             return 130
 
 
-def worker(queues: str, concurrency: int) -> int:
+def worker(queues: str, concurrency: int | None) -> int:
     """A worker serving the given queues (each deployment names its own), with the services up.
 
     A GPU node runs one for the large model's queue while CPU nodes serve the small one's.
@@ -180,7 +189,12 @@ def main() -> int:
     worker_parser.add_argument(
         "--queues", default="inference,default", help="comma-separated Celery queues"
     )
-    worker_parser.add_argument("--concurrency", type=int, default=4)
+    worker_parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="task threads (default: WORKER_CONCURRENCY, or ENGINE_MAX_BATCH)",
+    )
     args = parser.parse_args()
     if args.cmd == "up":
         return up(args.host, args.port)
