@@ -569,7 +569,9 @@ class Engine:
 
 
 def _cpu_cores() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    """OMP_NUM_THREADS when it is set (its first level), else the cores this process may use."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else len(os.sched_getaffinity(0))
 
 
 def _cpu_threads_confine() -> None:
