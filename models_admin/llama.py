@@ -68,9 +68,10 @@ class _Linear:
 # fits the kernel, fp16 otherwise) or "auto" (int4 where the weights already sit on a 4-bit grid).
 CPU_WEIGHTS = ("auto", "int4", "fp16", "fp32")
 INT4_GROUP = 32
+_Int4Groups = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _int4_groups(weight: torch.Tensor) -> _Int4Groups | None:
     """4-bit codes [N, K] (int32), scales and minimums [N, K / 32] of groups of 32 inputs.
 
     Round to nearest between each group's minimum and maximum, as GGUF's Q4_1 does: for weights
@@ -87,9 +88,10 @@ def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return codes.to(torch.int32).reshape(n, k), scale, low
 
 
-def on_int4_grid(weight: torch.Tensor) -> bool:
-    """Whether 4-bit groups of 32 hold these weights as they are (to 1% of a step)."""
-    found = _int4_groups(weight)
+def on_int4_grid(weight: torch.Tensor, found: _Int4Groups | None = None) -> bool:
+    """Whether 4-bit groups of 32 hold these weights as they are (to 1% of a step). `found`:
+    the weights' groups when the caller has them already (`_int4_groups`)."""
+    found = found or _int4_groups(weight)
     if found is None:
         return False
     codes, scale, low = found
@@ -288,16 +290,26 @@ class LlamaRunner:
                     "down": joined(mlp.down_proj),
                 }
             )
+        # Each weight's 4-bit groups, found once: to check the grid and to pack them.
+        groups: list[dict[str, _Int4Groups | None]] = []
+        if cpu and cpu_weights in ("int4", "auto"):
+            groups = [
+                {name: _int4_groups(w) for name, (w, _b) in parts.items()} for parts in linears
+            ]
         int4 = cpu and cpu_weights == "int4"
         if cpu and cpu_weights == "auto":
-            int4 = all(on_int4_grid(w) for parts in linears for w, _b in parts.values())
+            int4 = all(
+                on_int4_grid(parts[name][0], found[name])
+                for parts, found in zip(linears, groups, strict=True)
+                for name in parts
+            )
         self.decode_weights = "int4" if int4 else ("fp16" if packed else str(dtype))
 
         # Prefill reads `layers`; decode steps read `decode_layers` (the same objects unless
         # the decode weights are 4-bit).
         self.layers: list[_Layer] = []
         self.decode_layers: list[_Layer] = []
-        for layer, parts in zip(inner.layers, linears, strict=True):
+        for i, (layer, parts) in enumerate(zip(inner.layers, linears, strict=True)):
             norms = (
                 layer.input_layernorm.weight.detach().to(device, dtype),
                 layer.post_attention_layernorm.weight.detach().to(device, dtype),
@@ -321,10 +333,10 @@ class LlamaRunner:
                 self.decode_layers.append(self.layers[-1])
                 continue
             decode = dict(prefill)
-            for name, (w, b) in parts.items():
-                groups = _int4_groups(w)
-                if groups is not None:
-                    decode[name] = _Int4Linear(*groups, b)
+            for name, (_w, b) in parts.items():
+                found = groups[i][name]
+                if found is not None:
+                    decode[name] = _Int4Linear(*found, b)
             self.decode_layers.append(layer_of(decode))
         self.embed = inner.embed_tokens.weight.detach().to(device, dtype)
         self.final_norm = inner.norm.weight.detach().to(device, dtype)
