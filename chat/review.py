@@ -40,8 +40,12 @@ def _facts(
     canary: bool | None,
 ) -> AnswerFacts:
     kb_ids = sorted({p.knowledge_base_id for p in passages})
-    sensitive = list(
-        KnowledgeBase.objects.filter(pk__in=kb_ids, sensitive=True).values_list("pk", flat=True)
+    sensitive = (
+        list(
+            KnowledgeBase.objects.filter(pk__in=kb_ids, sensitive=True).values_list("pk", flat=True)
+        )
+        if kb_ids
+        else []
     )
     return AnswerFacts(
         deployment_id=deployment_id,

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import redis
 from django.conf import settings
 from django.db import connection, models, transaction
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import m2m_changed, post_delete, post_save
 
 logger = logging.getLogger(__name__)
 
@@ -152,3 +152,14 @@ def config_models_watch(*models_: type[models.Model]) -> None:
     for model in models_:
         post_save.connect(_on_write, sender=model, dispatch_uid=f"config-cache-save-{model}")
         post_delete.connect(_on_write, sender=model, dispatch_uid=f"config-cache-delete-{model}")
+
+
+def _on_m2m(sender: type[models.Model], action: str, **kwargs: Any) -> None:
+    if action.startswith("post_"):
+        config_changed()
+
+
+def config_relations_watch(*throughs: type[models.Model]) -> None:
+    """Announce every change to these many-to-many relations (`add`, `remove`, `clear`, `set`)."""
+    for through in throughs:
+        m2m_changed.connect(_on_m2m, sender=through, dispatch_uid=f"config-cache-m2m-{through}")

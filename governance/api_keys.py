@@ -13,9 +13,10 @@ from collections.abc import Iterable
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
+from genai_site.rows import quote, row_columns, row_load
 from governance.audit import audit_record
 from governance.models import ApiKey, UsageLimit
 
@@ -132,9 +133,43 @@ def _raise_unless_active(api_key: ApiKey, now: dt.datetime) -> None:
         )
 
 
+_STATE_SQL = (
+    f"SELECT prefix, revoked_at, expires_at FROM {quote(ApiKey._meta.db_table)} WHERE id = %s"
+)
+
+
 def api_key_require_active(*, api_key_id: int) -> None:
-    """Raise ApiKeyInvalid unless the key is still active now (one query)."""
-    _raise_unless_active(ApiKey.objects.get(pk=api_key_id), timezone.now())
+    """Raise ApiKeyInvalid unless the key is still active now (one statement: admission asks
+    on every request)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_STATE_SQL, [api_key_id])
+        row = cursor.fetchone()
+    if row is None:
+        raise ApiKeyInvalid("Unknown API key.")
+    prefix, revoked_at, expires_at = row
+    _raise_unless_active(
+        ApiKey(prefix=prefix, revoked_at=revoked_at, expires_at=expires_at), timezone.now()
+    )
+
+
+_WITH_USER_SQL = (
+    f"SELECT {row_columns(ApiKey)}, {row_columns(User)} FROM {quote(ApiKey._meta.db_table)} "
+    f"JOIN {quote(User._meta.db_table)} ON {quote(User._meta.db_table)}.id = user_id "
+    f"WHERE {quote(ApiKey._meta.db_table)}.prefix = %s"
+)
+
+
+def _api_key_with_user(prefix: str) -> ApiKey | None:
+    """The key with this prefix and its owner, as `select_related("user")` gives them."""
+    with connection.cursor() as cursor:
+        cursor.execute(_WITH_USER_SQL, [prefix])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    width = len(ApiKey._meta.concrete_fields)
+    api_key = row_load(ApiKey, row[:width])
+    api_key.user = row_load(User, row[width:])
+    return api_key
 
 
 def api_key_authenticate(*, raw: str) -> ApiKey:
@@ -142,7 +177,7 @@ def api_key_authenticate(*, raw: str) -> ApiKey:
     parts = raw.strip().split("_", 2) if isinstance(raw, str) else []
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         raise ApiKeyInvalid("Malformed API key: expected gsk_<prefix>_<secret>.")
-    api_key = ApiKey.objects.select_related("user").filter(prefix=parts[1]).first()
+    api_key = _api_key_with_user(parts[1])
     if api_key is None or not hmac.compare_digest(api_key.secret_hash, _hash(raw.strip())):
         raise ApiKeyInvalid("Unknown API key.")
     now = timezone.now()

@@ -5,16 +5,21 @@ class GovernanceConfig(AppConfig):
     name = "governance"
 
     def ready(self) -> None:
+        from django.contrib.auth.models import Group, User
         from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 
-        from genai_site.config_cache import config_models_watch
+        from genai_site.config_cache import config_models_watch, config_relations_watch
         from governance import signals
-        from governance.models import BlockedTerm, ReviewPolicy, SafetyPolicy
+        from governance.models import ApiKey, BlockedTerm, ReviewPolicy, SafetyPolicy, UsageLimit
         from models_admin.signals import registry_changed
 
         # The safety filters and review policies read these on every request, from each
         # process's cache.
         config_models_watch(SafetyPolicy, BlockedTerm, ReviewPolicy)
+        # Admission reads the limits that apply to a user and key on every request, from the
+        # same cache; group membership decides which groups' limits apply.
+        config_models_watch(UsageLimit, Group, ApiKey)
+        config_relations_watch(User.groups.through)
 
         user_logged_in.connect(signals.audit_user_logged_in, dispatch_uid="governance.audit.login")
         user_logged_out.connect(

@@ -23,6 +23,7 @@ from django.db.models import Max, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
+from genai_site.rows import quote, row_insert
 from governance.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
@@ -30,6 +31,9 @@ GENESIS_HASH = "0" * 64
 # writers (web, workers) cannot both link to the same previous event. Any constant will do;
 # this one is "audit" in ASCII.
 AUDIT_CHAIN_LOCK = 0x6175646974
+_LAST_HASH_SQL = (
+    f"SELECT {quote('hash')} FROM {quote(AuditEvent._meta.db_table)} ORDER BY id DESC LIMIT 1"
+)
 
 ExportFormat = Literal["csv", "jsonl"]
 EXPORT_FIELDS = (
@@ -112,9 +116,11 @@ def audit_record(
     with transaction.atomic(savepoint=False):
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
-        # Read after taking the lock: the previous holder has committed by now, and under
-        # READ COMMITTED this statement sees its event.
-        last_hash = AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
+            # Read after taking the lock: the previous holder has committed by now, and under
+            # READ COMMITTED this statement sees its event.
+            cursor.execute(_LAST_HASH_SQL)
+            last = cursor.fetchone()
+        last_hash = last[0] if last else None
         event = AuditEvent(
             actor=user,
             actor_label=actor_label[:150],
@@ -127,7 +133,7 @@ def audit_record(
             prev_hash=last_hash or GENESIS_HASH,
         )
         event.hash = audit_event_hash(event)
-        event.save(force_insert=True)
+        row_insert(event)
     return event
 
 

@@ -1,10 +1,12 @@
 """Daily and monthly budgets of tokens and cost: reserved before generation with the request's
 maximum, settled with the real count after (or released when nothing was generated).
 
-A reservation is one conditional UPDATE per budget row, in id order, inside one savepoint.
-PostgreSQL re-checks an UPDATE's WHERE clause against the row as the previous writer left it,
-so concurrent requests can never together pass a limit; if any budget refuses, the savepoint
-rolls the others back. Taking the rows in id order keeps two requests from deadlocking.
+A reservation is one conditional UPDATE per budget row, in id order, in the caller's
+transaction. PostgreSQL re-checks an UPDATE's WHERE clause against the row as the previous
+writer left it, so concurrent requests can never together pass a limit; if any budget refuses,
+the holds already taken are given back in the same transaction (no other transaction saw them:
+the rows stay locked until it ends). Taking the rows in id order keeps two requests from
+deadlocking. These statements run on every request, so they are plain SQL (`genai_site.rows`).
 """
 
 import datetime as dt
@@ -13,10 +15,11 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 from django.contrib.auth.models import User
-from django.db import transaction
-from django.db.models import F, Q
+from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from genai_site.rows import quote, row_insert
 from governance.limits import AppliedLimit, Subject, user_limit
 from governance.models import ApiKey, BudgetUsage, QuotaReservation, UsageLimit
 
@@ -109,7 +112,7 @@ def _budgets(limit: UsageLimit) -> list[tuple[str, int | None, Decimal | None]]:
 
 @dataclass(frozen=True)
 class _Hold:
-    usage: BudgetUsage
+    usage_id: int
     subject: Subject
     period: str
     tokens_limit: int | None
@@ -117,7 +120,7 @@ class _Hold:
 
 
 def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
-    usage = BudgetUsage.objects.get(pk=hold.usage.pk)
+    usage = BudgetUsage.objects.get(pk=hold.usage_id)
     resets_at = period_resets_at(hold.period, usage.period_start)
     if hold.tokens_limit is not None:
         left = hold.tokens_limit - usage.tokens_used - usage.tokens_reserved
@@ -144,8 +147,65 @@ def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
     )
 
 
-# A savepoint of its own: a budget that refuses undoes the holds already taken in the others.
-@transaction.atomic
+def _usages_find(wanted: list[tuple[Subject, str, dt.date]]) -> dict[tuple[str, int, str], int]:
+    """The ids of the budget rows for these (subject, period, start), one query; a row not yet
+    there (a period's first request) is created."""
+    table = quote(BudgetUsage._meta.db_table)
+    where: list[str] = []
+    params: list[Any] = []
+    for subject, period, start in wanted:
+        where.append(f"({quote(subject.kind + '_id')} = %s AND period = %s AND period_start = %s)")
+        params += [subject.pk, period, start]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, user_id, group_id, api_key_id, period FROM {table} "
+            f"WHERE {' OR '.join(where)}",
+            params,
+        )
+        found = {}
+        for pk, user_id, group_id, api_key_id, period in cursor.fetchall():
+            kind = "user" if user_id else "group" if group_id else "api_key"
+            found[(kind, user_id or group_id or api_key_id, period)] = pk
+    for subject, period, start in wanted:
+        key = (subject.kind, subject.pk, period)
+        if key not in found:
+            lookup: dict[str, Any] = {
+                "period": period,
+                "period_start": start,
+                **subject.usage_filter,
+            }
+            usage, _ = BudgetUsage.objects.get_or_create(**lookup)
+            found[key] = usage.pk
+    return found
+
+
+_HOLD_SQL = (
+    f"UPDATE {quote(BudgetUsage._meta.db_table)} "
+    "SET tokens_reserved = tokens_reserved + %(tokens)s, cost_reserved = cost_reserved + %(cost)s "
+    "WHERE id = %(id)s"
+)
+_ROOM_TOKENS = " AND tokens_used + tokens_reserved + %(tokens)s <= %(tokens_limit)s"
+_ROOM_COST = " AND cost_used + cost_reserved + %(cost)s <= %(cost_limit)s"
+
+
+def _hold_take(hold: _Hold, *, tokens: int, cost: Decimal) -> bool:
+    """Add the request to one budget row if it has room (PostgreSQL re-checks the condition
+    against the row as the previous writer left it)."""
+    sql = _HOLD_SQL
+    sql += _ROOM_TOKENS if hold.tokens_limit is not None else ""
+    sql += _ROOM_COST if hold.cost_limit is not None else ""
+    params: dict[str, Any] = {
+        "id": hold.usage_id,
+        "tokens": tokens,
+        "cost": cost,
+        "tokens_limit": hold.tokens_limit,
+        "cost_limit": hold.cost_limit,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount == 1
+
+
 def budget_reserve(
     *,
     user: User,
@@ -166,90 +226,139 @@ def budget_reserve(
         price_out=price_out,
     )
     now = timezone.now()
-    holds = []
-    for applied in limits:
-        for period, tokens_limit, cost_limit in _budgets(applied.limit):
-            lookup: dict[str, Any] = {
-                "period": period,
-                "period_start": period_start(period, now),
-                **applied.subject.usage_filter,
-            }
-            usage, _ = BudgetUsage.objects.get_or_create(**lookup)
-            holds.append(_Hold(usage, applied.subject, period, tokens_limit, cost_limit))
-    holds.sort(key=lambda h: h.usage.pk)
-    for hold in holds:
-        room = Q()
-        if hold.tokens_limit is not None:
-            room &= Q(tokens_used__lte=hold.tokens_limit - tokens - F("tokens_reserved"))
-        if hold.cost_limit is not None:
-            room &= Q(cost_used__lte=hold.cost_limit - cost - F("cost_reserved"))
-        won = BudgetUsage.objects.filter(room, pk=hold.usage.pk).update(
-            tokens_reserved=F("tokens_reserved") + tokens, cost_reserved=F("cost_reserved") + cost
+    wanted = [
+        (applied.subject, period, tokens_limit, cost_limit)
+        for applied in limits
+        for period, tokens_limit, cost_limit in _budgets(applied.limit)
+    ]
+    refused: _Hold | None = None
+    # Its own transaction when the caller has none; no savepoint when it has one: a budget
+    # that refuses gives back, in this same transaction, the holds already taken.
+    with transaction.atomic(savepoint=False):
+        ids = (
+            _usages_find([(s, period, period_start(period, now)) for s, period, _, _ in wanted])
+            if wanted
+            else {}
         )
-        if not won:
-            raise _exceeded(hold, tokens=tokens, cost=cost)
-    reservation = QuotaReservation.objects.create(
-        user=user,
-        api_key=api_key,
-        tokens=tokens,
-        cost=cost,
-        price_input_per_1k=price_in,
-        price_output_per_1k=price_out,
-    )
-    QuotaReservation.usages.through.objects.bulk_create(
-        [
-            QuotaReservation.usages.through(quotareservation=reservation, budgetusage=h.usage)
-            for h in holds
-        ]
-    )
-    return reservation
-
-
-def _finish(reservation: QuotaReservation, status: str, tokens: int, cost: Decimal) -> bool:
-    """Close a held reservation (False if it was already closed) and move its hold into use.
-    Its `tokens` and `cost` are those it was made with: they never change."""
-    won = QuotaReservation.objects.filter(
-        pk=reservation.pk, status=QuotaReservation.Status.HELD
-    ).update(status=status, settled_tokens=tokens, settled_cost=cost)
-    if not won:
-        return False
-    # One row at a time, in id order, as budget_reserve takes them.
-    for usage_id in reservation.usages.order_by("id").values_list("id", flat=True):
-        BudgetUsage.objects.filter(pk=usage_id).update(
-            tokens_reserved=F("tokens_reserved") - reservation.tokens,
-            tokens_used=F("tokens_used") + tokens,
-            cost_reserved=F("cost_reserved") - reservation.cost,
-            cost_used=F("cost_used") + cost,
+        holds = sorted(
+            (
+                _Hold(ids[(s.kind, s.pk, period)], s, period, tokens_limit, cost_limit)
+                for s, period, tokens_limit, cost_limit in wanted
+            ),
+            key=lambda h: h.usage_id,
         )
-    return True
+        taken: list[_Hold] = []
+        for hold in holds:
+            if not _hold_take(hold, tokens=tokens, cost=cost):
+                refused = hold
+                break
+            taken.append(hold)
+        if refused is not None:
+            for hold in taken:
+                _usage_move(hold.usage_id, tokens=-tokens, cost=-cost)
+        else:
+            reservation = row_insert(
+                QuotaReservation(
+                    user=user,
+                    api_key=api_key,
+                    tokens=tokens,
+                    cost=cost,
+                    price_input_per_1k=price_in,
+                    price_output_per_1k=price_out,
+                )
+            )
+            if holds:
+                with connection.cursor() as cursor:
+                    cursor.execute(_LINK_SQL, [reservation.pk, [h.usage_id for h in holds]])
+            return reservation
+    raise _exceeded(refused, tokens=tokens, cost=cost)
 
 
-@transaction.atomic(savepoint=False)
+_USAGES = QuotaReservation.usages.through._meta.db_table
+_LINK_SQL = (
+    f"INSERT INTO {quote(_USAGES)} (quotareservation_id, budgetusage_id) "
+    "SELECT %s, unnest(%s::bigint[])"
+)
+_MOVE_SQL = (
+    f"UPDATE {quote(BudgetUsage._meta.db_table)} SET "
+    "tokens_reserved = tokens_reserved + %(reserved)s, tokens_used = tokens_used + %(used)s, "
+    "cost_reserved = cost_reserved + %(cost_reserved)s, cost_used = cost_used + %(cost_used)s "
+    "WHERE id = %(id)s"
+)
+
+
+def _usage_move(
+    usage_id: int,
+    *,
+    tokens: int,
+    cost: Decimal,
+    used_tokens: int = 0,
+    used_cost: Decimal = Decimal(0),
+) -> None:
+    """Add `tokens` and `cost` to one budget row's hold (negative to give them back) and the
+    used figures to its use."""
+    params: dict[str, Any] = {
+        "id": usage_id,
+        "reserved": tokens,
+        "used": used_tokens,
+        "cost_reserved": cost,
+        "cost_used": used_cost,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_MOVE_SQL, params)
+
+
+# The reservation closes only if it is still held; its cost at its own prices, rounded half up
+# to a millionth as `cost_of` does. The budget rows come back in id order, as reserving takes them.
+_FINISH_SQL = (
+    f"UPDATE {quote(QuotaReservation._meta.db_table)} "
+    "SET status = %(status)s, settled_tokens = %(tokens)s, settled_cost = ROUND("
+    "(%(input)s * price_input_per_1k + %(output)s * price_output_per_1k) * 0.001, 6) "
+    "WHERE id = %(id)s AND status = 'held' RETURNING tokens, cost, settled_cost, "
+    f"ARRAY(SELECT budgetusage_id FROM {quote(_USAGES)} WHERE quotareservation_id = %(id)s "
+    "ORDER BY budgetusage_id)"
+)
+
+
+def _finish(
+    reservation_id: int, status: str, input_tokens: int, output_tokens: int
+) -> Decimal | None:
+    """Close a held reservation and move its hold into use: the tokens counted, at the prices
+    it was made with. Returns that cost, or None if it was already closed (or never was).
+    The reservation's own `tokens` and `cost` never change."""
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        params: dict[str, Any] = {
+            "status": status,
+            "input": input_tokens,
+            "output": output_tokens,
+            "tokens": input_tokens + output_tokens,
+            "id": reservation_id,
+        }
+        cursor.execute(_FINISH_SQL, params)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        held_tokens, held_cost, cost, usage_ids = row
+        for usage_id in usage_ids:
+            _usage_move(
+                usage_id,
+                tokens=-held_tokens,
+                cost=-held_cost,
+                used_tokens=input_tokens + output_tokens,
+                used_cost=cost,
+            )
+    return Decimal(cost)
+
+
 def budget_settle(*, reservation_id: int, input_tokens: int, output_tokens: int) -> Decimal | None:
     """Count what the answer really used, at the prices of its reservation. Returns its cost,
     or None if the reservation was already settled or released."""
-    reservation = QuotaReservation.objects.filter(pk=reservation_id).first()
-    if reservation is None:
-        return None
-    cost = cost_of(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        price_in=reservation.price_input_per_1k,
-        price_out=reservation.price_output_per_1k,
-    )
-    finished = _finish(
-        reservation, QuotaReservation.Status.SETTLED, input_tokens + output_tokens, cost
-    )
-    return cost if finished else None
+    return _finish(reservation_id, QuotaReservation.Status.SETTLED, input_tokens, output_tokens)
 
 
-@transaction.atomic(savepoint=False)
 def budget_release(*, reservation_id: int) -> bool:
     """Give a held reservation back unused (the answer never started)."""
-    reservation = QuotaReservation.objects.filter(pk=reservation_id).first()
-    if reservation is None:
-        return False
-    return _finish(reservation, QuotaReservation.Status.RELEASED, 0, Decimal(0))
+    return _finish(reservation_id, QuotaReservation.Status.RELEASED, 0, 0) is not None
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 A request is made by a user, and maybe through one of their API keys. The user's own row (or
 the default row when they have none), the row of every group they belong to, and the key's row
-all apply; a request is admitted only if each of them admits it. Rows are read on every
-request, so an operator's edit takes effect on the next one.
+all apply; a request is admitted only if each of them admits it. An operator's edit takes
+effect on the next request: each process keeps the rows it read only until any of them changes
+(`genai_site.config_cache`).
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.db.models import Q
 
+from genai_site.config_cache import config_cached
 from governance.models import ApiKey, UsageLimit
 
 SubjectKind = Literal["user", "group", "api_key"]
@@ -50,9 +52,17 @@ class AppliedLimit:
 
 
 def limits_applying(*, user: User, api_key: ApiKey | None = None) -> list[AppliedLimit]:
-    """Every limit that a request by `user` (through `api_key`, if given) must pass; one query."""
+    """Every limit that a request by `user` (through `api_key`, if given) must pass: one query,
+    kept in each process until a limit, a group, a key or a membership changes anywhere."""
     if api_key is not None and api_key.user_id != user.pk:
         raise ValueError("The API key belongs to another user.")
+    return config_cached(
+        ("limits_applying", user.pk, api_key.pk if api_key is not None else None),
+        lambda: _limits_read(user=user, api_key=api_key),
+    )
+
+
+def _limits_read(*, user: User, api_key: ApiKey | None) -> list[AppliedLimit]:
     default = Q(user__isnull=True, group__isnull=True, api_key__isnull=True)
     wanted = Q(user=user) | default | Q(group__in=user.groups.all())
     if api_key is not None:

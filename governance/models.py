@@ -100,6 +100,8 @@ class UsageLimit(models.Model):
     cost_per_month = _cost_field("In the currency of the model prices")
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ConfigQuerySet.as_manager()
+
     class Meta:
         constraints = [
             models.CheckConstraint(

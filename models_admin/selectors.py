@@ -1,7 +1,8 @@
 from dataclasses import dataclass
 from statistics import mean
 
-from models_admin.models import ShadowAnswer
+from genai_site.config_cache import config_cached
+from models_admin.models import ModelVersion, ShadowAnswer
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,12 @@ def deployment_comparison(
         for s in shadows
     ]
     return summary, rows
+
+
+def model_version_get(*, pk: int) -> ModelVersion | None:
+    """A version and its model, read once per settings generation in each process (workers ask
+    for the version of every job they run)."""
+    return config_cached(
+        ("model_version", pk),
+        lambda: ModelVersion.objects.select_related("model").filter(pk=pk).first(),
+    )

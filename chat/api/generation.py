@@ -9,11 +9,11 @@ so the job completes once.
 
 import logging
 from functools import partial
+from typing import Any, cast
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, models, transaction
 from django.utils import timezone
 
 from chat.api.events import job_end_event, job_event_publish
@@ -35,6 +35,7 @@ from chat.serving import (
     usage_settle,
 )
 from genai_site.config_cache import config_snapshot
+from genai_site.rows import quote, row_columns, row_load
 from governance.audit import audit_record
 from governance.budgets import budget_release
 from governance.holds import safety_hold_create
@@ -45,6 +46,7 @@ from models_admin.backends import Backend, Prompt, backend_for
 from models_admin.engine import EngineError, SamplingParams
 from models_admin.models import Deployment, ModelVersion
 from models_admin.resilience import Served
+from models_admin.selectors import model_version_get
 from models_admin.shadow import shadow_request
 
 logger = logging.getLogger(__name__)
@@ -66,14 +68,30 @@ class _DeltaSender:
         self.sent = text
 
 
+_CLAIM_SQL = (
+    f"UPDATE {quote(Job._meta.db_table)} SET status = %(running)s, run = run + 1, "
+    "started_at = %(now)s WHERE id = %(id)s AND status IN (%(queued)s, %(running)s) "
+    f"RETURNING {row_columns(Job)}"
+)
+
+
 def _claim(job_id: int) -> Job | None:
     """Take the job. Called holding its lease: a job still `running` has no live worker."""
-    won = Job.objects.filter(pk=job_id, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).update(
-        status=Job.Status.RUNNING, run=F("run") + 1, started_at=timezone.now()
-    )
-    if not won:
+    params: dict[str, Any] = {
+        "id": job_id,
+        "now": timezone.now(),
+        "queued": Job.Status.QUEUED.value,
+        "running": Job.Status.RUNNING.value,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM_SQL, params)
+        row = cursor.fetchone()
+    if row is None:
         return None
-    return Job.objects.select_related("model_version__model").get(pk=job_id)
+    job = row_load(Job, row)
+    if job.model_version_id is not None:
+        job.model_version = model_version_get(pk=job.model_version_id)
+    return job
 
 
 @config_snapshot()
@@ -148,7 +166,8 @@ def _generate(job: Job, deployment_id: int | None) -> None:
             raise EngineError("The job has no model version.")
         # A remote server checks its own window (and its tokens are only estimated here).
         backend = backend_for(chosen)
-        prompt_tokens = 0 if backend.remote else len(backend.encode_chat(request["messages"]))
+        chosen_ids = None if backend.remote else backend.encode_chat(request["messages"])
+        prompt_tokens = len(chosen_ids) if chosen_ids is not None else 0
         if prompt_tokens + request["max_tokens"] > chosen.context_window:
             _fail(
                 job,
@@ -167,7 +186,11 @@ def _generate(job: Job, deployment_id: int | None) -> None:
         )
 
         def prepare(target: ModelVersion, backend: Backend) -> Prepared:
-            prompt_ids = backend.encode_chat(request["messages"])
+            prompt_ids = (
+                chosen_ids
+                if chosen_ids is not None and target.pk == chosen.pk
+                else backend.encode_chat(request["messages"])
+            )
             reply_cache = ReplyCache.for_request(
                 version=target,
                 deployment=deployment,
@@ -196,6 +219,21 @@ def _generate(job: Job, deployment_id: int | None) -> None:
         _fail(job, reason, "engine_error")
         return
     _settle(job, publisher, served, chosen, deployment)
+
+
+def _settled_save(job: Job, values: dict[str, Any]) -> bool:
+    """Save the settled fields if this run still holds the job (a redelivered task that
+    claimed it since has the last word). One statement, as `update()` would write it."""
+    fields = [cast(models.Field, Job._meta.get_field(name)) for name in values]  # type: ignore[type-arg]
+    assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {quote(Job._meta.db_table)} SET {assignments} "
+            "WHERE id = %s AND run = %s AND status = %s",
+            [*params, job.pk, job.run, Job.Status.RUNNING.value],
+        )
+        return cursor.rowcount == 1
 
 
 def _settle(
@@ -234,12 +272,8 @@ def _settle(
         "finished_at": timezone.now(),
     }
     with transaction.atomic():
-        won = Job.objects.filter(pk=job.pk, run=job.run, status=Job.Status.RUNNING).update(
-            **settled,
-            # The version that answered: a fallback's, when the routed one could not.
-            model_version=version,
-        )
-        if not won:
+        # The version that answered: a fallback's, when the routed one could not.
+        if not _settled_save(job, {**settled, "model_version_id": version.pk}):
             return
         if outcome.fate in (Fate.HELD, Fate.BLOCKED):
             # The exact cache took the answer as the model gave it, before the filters and

@@ -29,6 +29,7 @@ from chat.api.errors import (
 from chat.api.events import job_event_publish
 from chat.models import Job
 from genai_site.config_cache import config_snapshot
+from genai_site.rows import row_insert
 from governance.admission import Held, Refusal, turn_admit
 from governance.api_keys import ApiKeyInvalid
 from governance.audit import audit_record
@@ -219,7 +220,7 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
             job.finished_at = timezone.now()
         else:
             job.reservation = admission
-        job.save(force_insert=True)
+        row_insert(job)
         if job.status == Job.Status.QUEUED:
             transaction.on_commit(partial(_enqueue, job, deployment))
     if error is not None:

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from governance.admission import Refusal, turn_admit
 from governance.audit import audit_verify
-from governance.budgets import budget_release, budget_settle
+from governance.budgets import budget_release, budget_settle, cost_of
 from governance.models import AuditEvent, BudgetUsage, QuotaReservation, UsageLimit
 from models_admin.models import Model, ModelVersion
 from tests.factories import user_create
@@ -193,3 +193,37 @@ def test_malformed_limits_are_rejected_with_a_reason() -> None:
     with pytest.raises(ValidationError) as exc:
         UsageLimit(tokens_per_day=6).full_clean()
     assert "already a limit for this subject" in " ".join(exc.value.messages)
+
+
+def test_a_settled_cost_is_rounded_half_up_to_a_millionth_as_reservations_are() -> None:
+    # 1 input token at 0.0005 per 1,000 costs 0.0000005: half a millionth, rounded up.
+    version = _priced_version("0.0005", "0.0015")
+    user = user_create()
+    UsageLimit.objects.create(user=user, cost_per_day=Decimal("100"))
+    cases = [(1, 0), (0, 1), (3, 7), (12_345, 678), (999_999, 1)]
+    for input_tokens, output_tokens in cases:
+        reservation = _admit(user, 10, 10, model_version=version)
+        assert isinstance(reservation, QuotaReservation)
+        expected = cost_of(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            price_in=Decimal("0.0005"),
+            price_out=Decimal("0.0015"),
+        )
+        assert _settle(reservation.pk, input_tokens, output_tokens) == expected
+    assert cost_of(
+        input_tokens=1, output_tokens=0, price_in=Decimal("0.0005"), price_out=Decimal(0)
+    ) == Decimal("0.000001")
+
+
+def test_a_user_added_to_a_group_meets_its_limits_from_the_next_request() -> None:
+    user = user_create()
+    UsageLimit.objects.create(user=user, tokens_per_day=10_000)
+    group = Group.objects.create(name="small-spenders")
+    UsageLimit.objects.create(group=group, tokens_per_day=100)
+    assert isinstance(_admit(user), QuotaReservation)  # the limits that apply are now cached
+    user.groups.add(group)
+    refusal = _admit(user)
+    assert isinstance(refusal, Refusal) and refusal.limit == "group.tokens_per_day"
+    user.groups.remove(group)
+    assert isinstance(_admit(user), QuotaReservation)
