@@ -4,6 +4,7 @@ cannot be stored is refused with a clear error. Live server, real worker and mod
 
 import time
 
+import httpx
 import pytest
 from django.contrib.auth.models import Group
 
@@ -152,3 +153,19 @@ def test_text_that_cannot_be_stored_is_a_clear_400_not_a_500(
     assert response.json()["error"]["param"] == "messages.0.content"
     assert unknown.status_code == 404
     assert not Job.objects.exists()
+
+
+def test_api_calls_keep_the_security_headers_without_the_browser_middleware(
+    live_asgi_server: str,
+) -> None:
+    with http(live_asgi_server, key_for("headers")) as client:
+        response = client.get("/models")
+    assert response.status_code == 200
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "same-origin"
+    # Sessions, CSRF and the rest are the browser's: no cookie, no frame header on /v1.
+    assert "set-cookie" not in response.headers and "x-frame-options" not in response.headers
+    with httpx.Client(base_url=live_asgi_server) as browser:
+        page = browser.get("/accounts/login/")
+    assert page.status_code == 200 and page.headers["X-Frame-Options"] == "DENY"
+    assert "csrftoken" in page.cookies
