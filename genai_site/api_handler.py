@@ -2,9 +2,9 @@
 
 Programs call `/v1/` with an API key; they use no session, CSRF token, message or logged-in
 user. Under ASGI each of those middleware (classic `MiddlewareMixin` classes) runs its request
-and response hooks in a worker thread, two thread switches apiece: about 2 ms a call on 2
-cores, as much as the rest of the web process's work on it. API calls go through the security
-headers and HTTPS redirect alone, run on the event loop (they do no I/O).
+and response hooks in a worker thread, two thread switches apiece: about 1.3 ms a call on 2
+cores (GET /v1/models in process: 2.74 -> 1.44 ms). API calls go through the security headers
+and HTTPS redirect alone, run on the event loop (they do no I/O).
 """
 
 from collections.abc import Awaitable, Callable

@@ -1,9 +1,27 @@
 import os
+import threading
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "genai_site.settings")
 
 app = Celery("genai_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@worker_ready.connect
+def _engines_preload(sender: Any, **kwargs: Any) -> None:
+    """Load the models of this worker's queues in the background as it starts (`ENGINE_PRELOAD=0`
+    leaves each to its first request). Tasks that arrive meanwhile wait for the load, as they
+    would for a first load anyway."""
+    if os.environ.get("ENGINE_PRELOAD", "1") == "0":
+        return
+    from models_admin.backends.local import local_engines_preload
+
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    threading.Thread(
+        target=local_engines_preload, kwargs={"queues": queues}, name="engine-preload", daemon=True
+    ).start()

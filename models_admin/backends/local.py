@@ -1,11 +1,14 @@
 """The local transformers engine as a backend (weights verified against the registry at load)."""
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from django.db import connection
 
 from models_admin.backends.base import Prompt
 from models_admin.engine import Engine, EngineError, GenerationResult, SamplingParams, engine_get
-from models_admin.models import ModelVersion
+from models_admin.models import Deployment, ModelVersion
 from models_admin.store import artifact_dir
 
 
@@ -43,3 +46,43 @@ def local_backend_get(version: ModelVersion) -> LocalBackend:
         context_window=version.context_window,
     )
     return LocalBackend(engine)
+
+
+logger = logging.getLogger(__name__)
+
+
+def local_engines_preload(*, queues: Iterable[str]) -> list[str]:
+    """Load the engines of the local versions that the active deployments on `queues` serve
+    (primary, canary, shadow), as a worker starts: the first answer then does not wait for a
+    model to load, and on the CPU the engine's decoding thread holds the cores' parallelism
+    before any task thread has run torch (`engine._cpu_threads_confine`). Returns the versions
+    loaded; one that fails is logged, and its first request reports the error as before."""
+    versions: dict[int, ModelVersion] = {}
+    try:
+        deployments = Deployment.objects.filter(queue__in=list(queues), is_active=True)
+        for deployment in deployments.select_related(
+            "primary_version", "canary_version", "shadow_version"
+        ):
+            for version in (
+                deployment.primary_version,
+                deployment.canary_version,
+                deployment.shadow_version,
+            ):
+                if (
+                    version is not None
+                    and version.can_serve
+                    and version.backend != ModelVersion.Backend.OPENAI_COMPATIBLE
+                ):
+                    versions[version.pk] = version
+    finally:
+        connection.close()
+    loaded = []
+    for version in versions.values():
+        try:
+            local_backend_get(version)
+        except Exception:
+            logger.exception("Could not preload %s; its first request will load it", version)
+        else:
+            loaded.append(str(version))
+    logger.info("Preloaded %s for queue(s) %s", ", ".join(loaded) or "no model", ", ".join(queues))
+    return loaded
