@@ -18,12 +18,12 @@ from datetime import UTC
 from typing import Any, Literal
 
 from django.contrib.auth.models import AnonymousUser, User
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import Max, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from genai_site.rows import quote, row_insert
+from genai_site.rows import quote
 from governance.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
@@ -31,8 +31,18 @@ GENESIS_HASH = "0" * 64
 # writers (web, workers) cannot both link to the same previous event. Any constant will do;
 # this one is "audit" in ASCII.
 AUDIT_CHAIN_LOCK = 0x6175646974
-_LAST_HASH_SQL = (
-    f"SELECT {quote('hash')} FROM {quote(AuditEvent._meta.db_table)} ORDER BY id DESC LIMIT 1"
+# The event's own fields as values, then the chain's head (`governance_audit_chain_head`,
+# migration 0009: the lock, then the newest hash) as `prev_hash`, and the hash of the content
+# with that head in it. One statement: the chain is serialized for as short a time as can be.
+_CONTENT_FIELDS = [
+    f for f in AuditEvent._meta.concrete_fields if f.name not in ("id", "prev_hash", "hash")
+]
+_APPEND_SQL = (
+    f"INSERT INTO {quote(AuditEvent._meta.db_table)} "
+    f"({', '.join(quote(f.column) for f in _CONTENT_FIELDS)}, prev_hash, hash) "
+    f"SELECT {', '.join(['%s'] * len(_CONTENT_FIELDS))}, head.prev, "
+    "encode(sha256(convert_to(%s || head.prev || %s, 'UTF8')), 'hex') "
+    "FROM (SELECT governance_audit_chain_head(%s) AS prev) AS head RETURNING id, prev_hash, hash"
 )
 
 ExportFormat = Literal["csv", "jsonl"]
@@ -73,8 +83,8 @@ def _canonical_ip(ip: str | None) -> str | None:
         return None
 
 
-def audit_event_hash(event: AuditEvent) -> str:
-    """sha256 over a canonical JSON of the event's content and `prev_hash`."""
+def _hash_input(event: AuditEvent) -> str:
+    """The canonical JSON of the event's content and `prev_hash` that its hash is taken over."""
     content = {
         "prev_hash": event.prev_hash,
         "actor_id": event.actor_id,
@@ -86,8 +96,25 @@ def audit_event_hash(event: AuditEvent) -> str:
         "ip": _canonical_ip(event.ip),
         "created_at": event.created_at.astimezone(UTC).isoformat(),
     }
-    data = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(data.encode()).hexdigest()
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def audit_event_hash(event: AuditEvent) -> str:
+    """sha256 over a canonical JSON of the event's content and `prev_hash`."""
+    return hashlib.sha256(_hash_input(event).encode()).hexdigest()
+
+
+_PREV_HASH_KEY = '"prev_hash":"'
+
+
+def _hash_input_around_prev(event: AuditEvent) -> tuple[str, str]:
+    """`_hash_input` cut where `prev_hash`'s value goes: the database puts the chain's head
+    between the two parts. The top-level key is the last `"prev_hash":"` in the text (keys are
+    sorted, and a quote inside a JSON string is always escaped)."""
+    data = _hash_input(event)
+    start = data.rindex(_PREV_HASH_KEY) + len(_PREV_HASH_KEY)
+    assert data[start : start + 64] == event.prev_hash
+    return data[:start], data[start + 64 :]
 
 
 def request_client_ip(request: HttpRequest | None) -> str | None:
@@ -112,28 +139,25 @@ def audit_record(
     user = actor if isinstance(actor, User) else None
     if actor_label is None:
         actor_label = user.get_username() if user is not None else "system"
+    event = AuditEvent(
+        actor=user,
+        actor_label=actor_label[:150],
+        action=action,
+        target_type=target_type,
+        target_id=str(target_id),
+        details=details or {},
+        ip=_canonical_ip(ip),
+        created_at=timezone.now(),
+        prev_hash=GENESIS_HASH,  # a stand-in of the same length: the database puts the head
+    )
+    before, after = _hash_input_around_prev(event)
+    values = [f.get_db_prep_save(f.pre_save(event, True), connection) for f in _CONTENT_FIELDS]
     # Part of the caller's transaction (no savepoint of its own: nothing here is undone alone).
-    with transaction.atomic(savepoint=False):
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [AUDIT_CHAIN_LOCK])
-            # Read after taking the lock: the previous holder has committed by now, and under
-            # READ COMMITTED this statement sees its event.
-            cursor.execute(_LAST_HASH_SQL)
-            last = cursor.fetchone()
-        last_hash = last[0] if last else None
-        event = AuditEvent(
-            actor=user,
-            actor_label=actor_label[:150],
-            action=action,
-            target_type=target_type,
-            target_id=str(target_id),
-            details=details or {},
-            ip=_canonical_ip(ip),
-            created_at=timezone.now(),
-            prev_hash=last_hash or GENESIS_HASH,
-        )
-        event.hash = audit_event_hash(event)
-        row_insert(event)
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        cursor.execute(_APPEND_SQL, [*values, before, after, AUDIT_CHAIN_LOCK])
+        event.pk, event.prev_hash, event.hash = cursor.fetchone()
+    event._state.adding = False
+    event._state.db = DEFAULT_DB_ALIAS
     return event
 
 

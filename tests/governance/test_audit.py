@@ -18,7 +18,13 @@ from django.core.management.base import CommandError
 from django.db import DatabaseError, connection
 from django.test import AsyncClient, Client
 
-from governance.audit import EXPORT_FIELDS, GENESIS_HASH, audit_record, audit_verify
+from governance.audit import (
+    EXPORT_FIELDS,
+    GENESIS_HASH,
+    audit_event_hash,
+    audit_record,
+    audit_verify,
+)
 from governance.models import AuditEvent
 from tests.conftest import BASE_DIR
 from tests.factories import PASSWORD, user_create
@@ -74,6 +80,23 @@ def test_events_link_into_a_chain_that_verifies() -> None:
     assert all(re.fullmatch("[0-9a-f]{64}", e.hash) for e in events)
     assert len({e.hash for e in events}) == 4
     assert "audit chain intact: 4 events" in _verify_audit_output()
+
+
+def test_events_whose_content_imitates_the_chain_fields_still_verify() -> None:
+    # The database links each event into the chain; its hash input must be cut at the real
+    # prev_hash, whatever text the event carries.
+    tricky = '"prev_hash":"' + "0" * 64 + '","x":"\u00e9\\'
+    audit_record(
+        actor=None,
+        action="test.tricky",
+        target_type=tricky,
+        target_id=tricky,
+        details={"prev_hash": tricky, "nested": {"prev_hash": "1" * 64}, "text": "h\u00e9llo ☃"},
+        ip="::ffff:10.0.0.1",
+    )
+    event = audit_record(actor=None, action="test.after", details={"n": 1.0, "big": 1e16})
+    assert event.hash == audit_event_hash(AuditEvent.objects.get(pk=event.pk))
+    assert "audit chain intact: 2 events" in _verify_audit_output()
 
 
 def test_verify_audit_passes_on_an_empty_log() -> None:
