@@ -1,5 +1,6 @@
-"""Operator settings that every request reads (deployments and their routes, safety and review
-policies, blocked terms), kept in each process until any of them changes anywhere.
+"""Operator settings that every request reads (deployments and their routes, model versions,
+safety and review policies, blocked terms, the usage limits that apply to a user and key), kept
+in each process until any of them changes anywhere.
 
 A request reads them several times on its way through the web process and the worker; each
 read was a query. Here a process keeps what it read under the current *generation*, a counter in
@@ -36,6 +37,10 @@ _GENERATION_KEY = "genai:config:generation"
 
 _entries: dict[Hashable, tuple[int, Any]] = {}
 _entries_lock = threading.Lock()
+# The newest generation this process has seen: entries of older ones are dropped when it moves.
+_entries_generation = -1
+# Beyond this many entries (one per user and key for the limits) the process starts afresh.
+_MAX_ENTRIES = 10_000
 _writer = threading.local()
 # Set by `config_snapshot`: the generation this request or task reads under.
 _pinned: ContextVar[int | None] = ContextVar("config_generation", default=None)
@@ -95,10 +100,18 @@ def config_cached(key: Hashable, load: Callable[[], T]) -> T:
         entry = _entries.get(key)
     if entry is None or entry[0] != generation:
         value = load()
-        with _entries_lock:
-            _entries[key] = (generation, value)
+        _entry_store(key, generation, value)
         entry = (generation, value)
     return copy.deepcopy(entry[1])
+
+
+def _entry_store(key: Hashable, generation: int, value: Any) -> None:
+    global _entries_generation
+    with _entries_lock:
+        if generation > _entries_generation or len(_entries) >= _MAX_ENTRIES:
+            _entries.clear()
+            _entries_generation = max(generation, _entries_generation)
+        _entries[key] = (generation, value)
 
 
 @contextmanager

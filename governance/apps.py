@@ -10,7 +10,7 @@ class GovernanceConfig(AppConfig):
 
         from genai_site.config_cache import config_models_watch, config_relations_watch
         from governance import signals
-        from governance.models import ApiKey, BlockedTerm, ReviewPolicy, SafetyPolicy, UsageLimit
+        from governance.models import BlockedTerm, ReviewPolicy, SafetyPolicy, UsageLimit
         from models_admin.signals import registry_changed
 
         # The safety filters and review policies read these on every request, from each
@@ -18,7 +18,7 @@ class GovernanceConfig(AppConfig):
         config_models_watch(SafetyPolicy, BlockedTerm, ReviewPolicy)
         # Admission reads the limits that apply to a user and key on every request, from the
         # same cache; group membership decides which groups' limits apply.
-        config_models_watch(UsageLimit, Group, ApiKey)
+        config_models_watch(UsageLimit, Group)
         config_relations_watch(User.groups.through)
 
         user_logged_in.connect(signals.audit_user_logged_in, dispatch_uid="governance.audit.login")

@@ -5,8 +5,9 @@ A reservation is one conditional UPDATE per budget row, in id order, in the call
 transaction. PostgreSQL re-checks an UPDATE's WHERE clause against the row as the previous
 writer left it, so concurrent requests can never together pass a limit; if any budget refuses,
 the holds already taken are given back in the same transaction (no other transaction saw them:
-the rows stay locked until it ends). Taking the rows in id order keeps two requests from
-deadlocking. These statements run on every request, so they are plain SQL (`genai_site.rows`).
+the rows stay locked until it ends, a refusal's too). Taking the rows in id order keeps two
+requests from deadlocking. These statements run on every request, so they are plain SQL
+(`genai_site.rows`).
 """
 
 import datetime as dt
@@ -134,7 +135,17 @@ def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
                 requested=tokens,
                 resets_at=resets_at,
             )
-    assert hold.cost_limit is not None
+    if hold.cost_limit is None:
+        # Tokens refused the request, and a settle has given some back since: say so anyway.
+        return BudgetExceeded(
+            subject=hold.subject,
+            period=hold.period,
+            measure="tokens",
+            limit=hold.tokens_limit or 0,
+            remaining=max(0, (hold.tokens_limit or 0) - usage.tokens_used - usage.tokens_reserved),
+            requested=tokens,
+            resets_at=resets_at,
+        )
     left_cost = hold.cost_limit - usage.cost_used - usage.cost_reserved
     return BudgetExceeded(
         subject=hold.subject,
@@ -166,7 +177,9 @@ def _usages_find(wanted: list[tuple[Subject, str, dt.date]]) -> dict[tuple[str, 
         for pk, user_id, group_id, api_key_id, period in cursor.fetchall():
             kind = "user" if user_id else "group" if group_id else "api_key"
             found[(kind, user_id or group_id or api_key_id, period)] = pk
-    for subject, period, start in wanted:
+    # Created in one order for every request, so that two first requests of a period that create
+    # the same rows wait for each other instead of deadlocking.
+    for subject, period, start in sorted(wanted, key=lambda w: (w[0].kind, w[0].pk, w[1])):
         key = (subject.kind, subject.pk, period)
         if key not in found:
             lookup: dict[str, Any] = {

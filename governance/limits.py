@@ -53,7 +53,7 @@ class AppliedLimit:
 
 def limits_applying(*, user: User, api_key: ApiKey | None = None) -> list[AppliedLimit]:
     """Every limit that a request by `user` (through `api_key`, if given) must pass: one query,
-    kept in each process until a limit, a group, a key or a membership changes anywhere."""
+    kept in each process until a limit, a group or a membership changes anywhere."""
     if api_key is not None and api_key.user_id != user.pk:
         raise ValueError("The API key belongs to another user.")
     return config_cached(

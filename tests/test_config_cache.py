@@ -98,3 +98,12 @@ def test_the_worker_applies_a_policy_made_and_then_switched_off_after_it_cached_
         ReviewPolicy.objects.filter(pk=policy.pk).update(is_active=False)
         answered = api.post("/chat/completions", json=body)
         assert answered.status_code == 200, answered.text
+
+
+def test_a_process_drops_what_it_read_under_older_generations() -> None:
+    # One entry per user and key (the limits): another process's change must not leave them all.
+    config_cache.config_cached(("old-entry",), lambda: 1)
+    config_cache._client().incr(config_cache._GENERATION_KEY)  # as another process announces
+    assert config_cache.config_cached(("new-entry",), lambda: 2) == 2
+    assert ("old-entry",) not in config_cache._entries
+    assert ("new-entry",) in config_cache._entries

@@ -57,11 +57,12 @@ def local_engines_preload(*, queues: Iterable[str]) -> list[str]:
     model to load, and on the CPU the engine's decoding thread holds the cores' parallelism
     before any task thread has run torch (`engine._cpu_threads_confine`). Returns the versions
     loaded; one that fails is logged, and its first request reports the error as before."""
-    versions: dict[int, ModelVersion] = {}
+    loaded = []
     try:
+        versions: dict[int, ModelVersion] = {}
         deployments = Deployment.objects.filter(queue__in=list(queues), is_active=True)
         for deployment in deployments.select_related(
-            "primary_version", "canary_version", "shadow_version"
+            "primary_version__model", "canary_version__model", "shadow_version__model"
         ):
             for version in (
                 deployment.primary_version,
@@ -74,15 +75,14 @@ def local_engines_preload(*, queues: Iterable[str]) -> list[str]:
                     and version.backend != ModelVersion.Backend.OPENAI_COMPATIBLE
                 ):
                     versions[version.pk] = version
+        for version in versions.values():
+            try:
+                local_backend_get(version)
+            except Exception:
+                logger.exception("Could not preload %s; its first request will load it", version)
+            else:
+                loaded.append(str(version))
     finally:
-        connection.close()
-    loaded = []
-    for version in versions.values():
-        try:
-            local_backend_get(version)
-        except Exception:
-            logger.exception("Could not preload %s; its first request will load it", version)
-        else:
-            loaded.append(str(version))
+        connection.close()  # this thread ends here: its connection goes back to the pool
     logger.info("Preloaded %s for queue(s) %s", ", ".join(loaded) or "no model", ", ".join(queues))
     return loaded

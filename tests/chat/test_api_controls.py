@@ -155,17 +155,21 @@ def test_text_that_cannot_be_stored_is_a_clear_400_not_a_500(
     assert not Job.objects.exists()
 
 
-def test_api_calls_keep_the_security_headers_without_the_browser_middleware(
+def test_api_calls_keep_the_security_headers_and_host_check_without_the_browser_middleware(
     live_asgi_server: str,
 ) -> None:
     with http(live_asgi_server, key_for("headers")) as client:
         response = client.get("/models")
+        wrong_host = client.get("/models", headers={"Host": "attacker.example"})
     assert response.status_code == 200
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "same-origin"
-    # Sessions, CSRF and the rest are the browser's: no cookie, no frame header on /v1.
-    assert "set-cookie" not in response.headers and "x-frame-options" not in response.headers
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["Content-Length"] == str(len(response.content))
+    # Sessions, CSRF and the rest are the browser's: an API call gets no cookie.
+    assert "set-cookie" not in response.headers and "vary" not in response.headers
+    assert wrong_host.status_code == 400
     with httpx.Client(base_url=live_asgi_server) as browser:
         page = browser.get("/accounts/login/")
     assert page.status_code == 200 and page.headers["X-Frame-Options"] == "DENY"
-    assert "csrftoken" in page.cookies
+    assert "csrftoken" in page.cookies and "Cookie" in page.headers["Vary"]
