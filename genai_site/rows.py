@@ -33,10 +33,15 @@ def _insert(model: type[models.Model]) -> tuple[str, list[models.Field]]:  # typ
     return sql, fields
 
 
+def row_values(obj: models.Model, fields: Sequence[models.Field]) -> list[Any]:  # type: ignore[type-arg]
+    """The values of a new instance's `fields` as an INSERT of `save()` would send them."""
+    return [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+
+
 def row_insert(obj: M) -> M:
     """Insert a new instance, as `obj.save(force_insert=True)` does, and set its primary key."""
     sql, fields = _insert(type(obj))
-    values = [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+    values = row_values(obj, fields)
     with connection.cursor() as cursor:
         cursor.execute(sql, values)
         obj.pk = cursor.fetchone()[0]

@@ -23,7 +23,7 @@ from django.db.models import Max, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from genai_site.rows import quote
+from genai_site.rows import quote, row_values
 from governance.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
@@ -151,7 +151,7 @@ def audit_record(
         prev_hash=GENESIS_HASH,  # a stand-in of the same length: the database puts the head
     )
     before, after = _hash_input_around_prev(event)
-    values = [f.get_db_prep_save(f.pre_save(event, True), connection) for f in _CONTENT_FIELDS]
+    values = row_values(event, _CONTENT_FIELDS)
     # Part of the caller's transaction (no savepoint of its own: nothing here is undone alone).
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
         cursor.execute(_APPEND_SQL, [*values, before, after, AUDIT_CHAIN_LOCK])

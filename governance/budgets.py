@@ -125,7 +125,9 @@ def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
     resets_at = period_resets_at(hold.period, usage.period_start)
     if hold.tokens_limit is not None:
         left = hold.tokens_limit - usage.tokens_used - usage.tokens_reserved
-        if left < tokens:
+        # Without a cost limit it was the tokens that refused, even if a settle has given some
+        # back since this row was read.
+        if left < tokens or hold.cost_limit is None:
             return BudgetExceeded(
                 subject=hold.subject,
                 period=hold.period,
@@ -135,17 +137,7 @@ def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
                 requested=tokens,
                 resets_at=resets_at,
             )
-    if hold.cost_limit is None:
-        # Tokens refused the request, and a settle has given some back since: say so anyway.
-        return BudgetExceeded(
-            subject=hold.subject,
-            period=hold.period,
-            measure="tokens",
-            limit=hold.tokens_limit or 0,
-            remaining=max(0, (hold.tokens_limit or 0) - usage.tokens_used - usage.tokens_reserved),
-            requested=tokens,
-            resets_at=resets_at,
-        )
+    assert hold.cost_limit is not None  # a hold is made only for a budget with some limit
     left_cost = hold.cost_limit - usage.cost_used - usage.cost_reserved
     return BudgetExceeded(
         subject=hold.subject,
