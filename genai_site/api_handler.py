@@ -10,8 +10,10 @@ do no I/O, so their hooks run on the event loop.
 """
 
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from asgiref.sync import ThreadSensitiveContext
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
@@ -54,6 +56,35 @@ API_MIDDLEWARE: list[type[MiddlewareMixin]] = [_Security, _Common, _XFrameOption
 
 
 class ApiHandler(ASGIHandler):
+    """Each request's sync code (the key check, admission, the enqueue) runs in one thread, as
+    under Django's own handler, but in a thread kept from an earlier request rather than one
+    started for it: what a thread keeps (its database connection wrapper, Celery's producer
+    and result backend) is set up once, not on every call (the enqueue alone: 0.9 -> 0.5 ms)."""
+
+    # Idle threads kept; more requests at once start more, and those beyond this end after.
+    IDLE_THREADS = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._idle: list[ThreadPoolExecutor] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"The API serves HTTP only, not {scope['type']}.")
+        executor = (
+            self._idle.pop()
+            if self._idle
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api")
+        )
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            if len(self._idle) < self.IDLE_THREADS:
+                self._idle.append(executor)
+            else:
+                executor.shutdown(wait=False)
+
     def load_middleware(self, is_async: bool = False) -> None:
         assert is_async, "the API handler serves ASGI only"
         self._view_middleware: list[Any] = []
