@@ -68,6 +68,10 @@ class _DeltaSender:
         self.sent = text
 
 
+def _no_delta(text: str, tokens: int) -> None:
+    pass
+
+
 _CLAIM_SQL = (
     f"UPDATE {quote(Job._meta.db_table)} SET status = %(running)s, run = run + 1, "
     "started_at = %(now)s WHERE id = %(id)s AND status IN (%(queued)s, %(running)s) "
@@ -151,15 +155,18 @@ _STATUS = {
 
 
 def _generate(job: Job, deployment_id: int | None) -> None:
-    job_event_publish(job.public_id, {"type": "state", "status": "running", "run": job.run})
-    chosen = version = job.model_version
     request = job.request
+    # A caller waiting for the whole answer (a non-streamed completion) reads only the end.
+    progress = request.get("progress", True)
+    if progress:
+        job_event_publish(job.public_id, {"type": "state", "status": "running", "run": job.run})
+    chosen = version = job.model_version
     try:
         deployment = deployment_for(deployment_id=deployment_id, alias=job.model_alias)
         deployment_id = deployment.pk if deployment is not None else None
         publisher = StreamPublisher(
             safety_output_pipeline(deployment_id=deployment_id),
-            _DeltaSender(job.public_id),
+            _DeltaSender(job.public_id) if progress else _no_delta,
             job_cancel_key(job.public_id),
         )
         if chosen is None:

@@ -130,8 +130,13 @@ def _refusal_error(refusal: Refusal) -> ApiError:
 
 
 @config_snapshot()
-def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) -> Job:
+def job_submit(
+    *, api_key: ApiKey, body: dict[str, Any], ip: str | None = None, progress: bool = True
+) -> Job:
     """Admit one chat completion and queue it on its deployment's queue.
+
+    `progress=False` is for a caller that waits for the whole answer: the worker then reports
+    only the job's end, not its state and each new piece of text (nobody would read them).
 
     Raises ApiError for a request that cannot run; a refusal by a limit or a filter is still
     recorded (the job row, failed, and the audit event) before the error goes back.
@@ -181,6 +186,7 @@ def job_submit(*, api_key: ApiKey, body: dict[str, Any], ip: str | None = None) 
         "seed": body.get("seed"),
         "stop": stops,
         "user": body.get("user") or "",
+        "progress": progress,
     }
     error: ApiError | None = None
     job = Job(

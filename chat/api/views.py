@@ -151,11 +151,13 @@ def _event_stream(chunks: Any) -> StreamingHttpResponse:
     return response
 
 
-def _submit_and_release(*, api_key: ApiKey, body: dict[str, Any], ip: str | None) -> Job:
+def _submit_and_release(
+    *, api_key: ApiKey, body: dict[str, Any], ip: str | None, progress: bool
+) -> Job:
     """Queue the job, then give this thread's database connection back to the pool: the
     request now waits on the model, which can take minutes, and needs none."""
     try:
-        return job_submit(api_key=api_key, body=body, ip=ip)
+        return job_submit(api_key=api_key, body=body, ip=ip, progress=progress)
     finally:
         close_old_connections()
 
@@ -172,7 +174,7 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Any:
     review (or takes longer than the server waits), it answers 202 with the job instead."""
     api_key: ApiKey = request.auth  # type: ignore[attr-defined]
     job = await sync_to_async(_submit_and_release)(
-        api_key=api_key, body=body.model_dump(), ip=_ip(request)
+        api_key=api_key, body=body.model_dump(), ip=_ip(request), progress=bool(body.stream)
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

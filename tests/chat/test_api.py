@@ -5,9 +5,12 @@ worker and the real model. The test model answers greedily in at most 48 tokens;
 
 import json
 import time
+from typing import cast
 
 import openai
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.auth.models import Group
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -63,6 +66,9 @@ def test_a_completion_through_the_sdk_answers_with_usage_and_is_audited(
         )
     )
     assert {"turn.admitted", "job.generated"} <= actions
+    # Its caller waited for the whole answer: the worker published the end and nothing else.
+    events = redis.Redis.from_url(settings.REDIS_URL).xrange(f"genai:job:{job.public_id}:events")
+    assert [json.loads(f[b"e"])["type"] for _, f in cast(list, events)] == ["end"]
 
 
 def test_a_streamed_completion_arrives_in_chunks_with_a_usage_chunk_and_done(
