@@ -5,8 +5,9 @@ so the model's own share is one prefill and one token) through the real stack: d
 authentication, input safety filters, routing, admission (Redis rate limits, budgets in
 PostgreSQL), audit, the job row, the enqueue through Redis, worker pickup, the engine, output
 filters, settling and the event back through a Redis stream. Then the same prompts, at the same
-concurrency, given straight to an engine in this process (`Engine.generate`). The platform's
-added latency is the difference of the two distributions at each percentile.
+concurrency, given straight to an engine in this process (`Engine.generate`), in alternating
+rounds with the API's. The platform's added latency is the difference of the two distributions
+at each percentile.
 
     python -m genai_site.launcher run -- python bench/api_overhead.py
 """
@@ -59,6 +60,15 @@ VAR = BASE_DIR / "var"
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+ROUNDS = 5
+
+
+def _rounds(total: int, clients: int) -> list[int]:
+    """`total` requests in up to ROUNDS shares of at least `clients` each."""
+    rounds = max(1, min(ROUNDS, total // clients))
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
 def setup() -> str:
@@ -185,7 +195,16 @@ def main() -> None:
         stdout=(VAR / "bench-api-web.log").open("w"),
         stderr=subprocess.STDOUT,
     )
-    api: dict[int, list[float]] = {}
+    # The direct engine lives in this process, loaded before the runs; the two are measured
+    # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
+    # within minutes on these cores) falls on both alike.
+    engine = engine_get(
+        directory=artifact_dir(version.artifact_path),
+        sha256=version.sha256,
+        context_window=version.context_window,
+    )
+    api: dict[int, list[float]] = {c: [] for c in LEVELS}
+    direct: dict[int, list[float]] = {c: [] for c in LEVELS}
     try:
         _wait_for(lambda: "ready." in worker_log.read_text(errors="replace"), "worker", worker)
 
@@ -196,19 +215,16 @@ def main() -> None:
         _wait_for(listening, "daphne", web)
         base = f"http://127.0.0.1:{port}"
         asyncio.run(api_run(base, key, 2, 10))  # warm-up: the worker loads the model
+        engine_run(engine, version, 2, 10)
         for clients in LEVELS:
-            api[clients] = asyncio.run(api_run(base, key, clients, REQUESTS.get(clients, 100)))
+            total = REQUESTS.get(clients, 100)
+            for share in _rounds(total, clients):
+                api[clients] += asyncio.run(api_run(base, key, clients, share))
+                direct[clients] += engine_run(engine, version, clients, share)
     finally:
         for proc in (web, worker):
             proc.terminate()
             proc.wait(timeout=30)
-    engine = engine_get(
-        directory=artifact_dir(version.artifact_path),
-        sha256=version.sha256,
-        context_window=version.context_window,
-    )
-    engine_run(engine, version, 2, 10)  # warm-up
-    direct = {c: engine_run(engine, version, c, REQUESTS.get(c, 100)) for c in LEVELS}
 
     print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
     print(f"# machine: {machine_describe()}")
