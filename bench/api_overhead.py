@@ -63,11 +63,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 ROUNDS = 5
+# Each round gives every client several requests, so that a round is the steady state of N
+# clients and not one burst of N requests starting together.
+PER_CLIENT = 4
 
 
 def _rounds(total: int, clients: int) -> list[int]:
-    """`total` requests in up to ROUNDS shares of at least `clients` each."""
-    rounds = max(1, min(ROUNDS, total // clients))
+    """`total` requests in up to ROUNDS shares of at least PER_CLIENT requests a client."""
+    rounds = max(1, min(ROUNDS, total // (clients * PER_CLIENT)))
     return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
