@@ -8,6 +8,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 
 from chat.api.events import job_events_read, job_settled
 from chat.api.presenters import chunk_body, job_body, job_error, sse, usage_body
@@ -16,6 +17,15 @@ from chat.models import Job
 from governance.models import ApiKey
 
 logger = logging.getLogger(__name__)
+
+
+def _job_status(pk: int) -> str | None:
+    """The job's state, with the connection given back at once: a caller may wait minutes
+    (a job that reports only its end is quiet until then) and must not hold one meanwhile."""
+    try:
+        return Job.objects.filter(pk=pk).values_list("status", flat=True).first()
+    finally:
+        close_old_connections()
 
 
 async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
@@ -27,9 +37,7 @@ async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
     async with aclosing(job_events_read(job.public_id)) as events:
         async for event in events:
             if event is None:
-                status = (
-                    await Job.objects.filter(pk=job.pk).values_list("status", flat=True).afirst()
-                )
+                status = await sync_to_async(_job_status)(job.pk)
                 if status is None or status in (
                     Job.Status.HELD_FOR_REVIEW,
                     Job.Status.COMPLETED,
