@@ -79,11 +79,15 @@ class ApiHandler(ASGIHandler):
         try:
             async with ThreadSensitiveContext(executor=executor):
                 await self.handle(scope, receive, send)
-        finally:
-            if len(self._idle) < self.IDLE_THREADS:
-                self._idle.append(executor)
-            else:
-                executor.shutdown(wait=False)
+        except BaseException:
+            # Cancelled (the server gave up on a client that left) or failed: sync work may
+            # still be running in the thread, and no later request may queue behind it.
+            executor.shutdown(wait=False)
+            raise
+        if len(self._idle) < self.IDLE_THREADS:
+            self._idle.append(executor)
+        else:
+            executor.shutdown(wait=False)
 
     def load_middleware(self, is_async: bool = False) -> None:
         assert is_async, "the API handler serves ASGI only"

@@ -2,7 +2,11 @@
 
 import asyncio
 import threading
+import time
 from typing import Any
+
+import pytest
+from django.core.signals import request_started
 
 from genai_site.api_handler import ApiHandler
 
@@ -55,3 +59,23 @@ async def test_requests_at_the_same_time_get_threads_of_their_own_and_only_some_
     statuses = await asyncio.gather(*(_get(handler, "/v1/models") for _ in range(4)))
     assert statuses == [401] * 4
     assert len(handler._idle) == 2 and len(_threads(handler)) == 2
+
+
+async def test_a_request_cancelled_while_its_sync_code_runs_gives_its_thread_to_no_other() -> None:
+    handler = ApiHandler()
+    running = threading.Event()
+
+    def slow(**kwargs: Any) -> None:  # a sync receiver: it runs in the request's thread
+        running.set()
+        time.sleep(0.5)
+
+    request_started.connect(slow)
+    try:
+        request = asyncio.ensure_future(_get(handler, "/v1/models"))
+        assert await asyncio.to_thread(running.wait, 10)
+        request.cancel()  # as the server does when it gives up on a client that left
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    finally:
+        request_started.disconnect(slow)
+    assert handler._idle == []
