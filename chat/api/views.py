@@ -208,7 +208,8 @@ def jobs_get(request: HttpRequest, job_id: str) -> Any:
     summary="A job's progress as Server-Sent Events",
 )
 async def jobs_events(request: HttpRequest, job_id: str) -> Any:
-    """Events `state`, `delta` (new answer text) and, last, `end` carrying the job object."""
+    """Events `state`, `delta` (new answer text) and, last, `end` carrying the job object. A
+    job made by a non-streamed chat completion (one that answered 202) reports only its `end`."""
     api_key: ApiKey = request.auth  # type: ignore[attr-defined]
     job = await sync_to_async(job_get_for_key)(api_key=api_key, public_id=job_id)
     return _event_stream(job_event_stream(job))
