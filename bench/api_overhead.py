@@ -201,14 +201,14 @@ def main() -> None:
     # The direct engine lives in this process, loaded before the runs; the two are measured
     # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
     # within minutes on these cores) falls on both alike.
-    engine = engine_get(
-        directory=artifact_dir(version.artifact_path),
-        sha256=version.sha256,
-        context_window=version.context_window,
-    )
     api: dict[int, list[float]] = {c: [] for c in LEVELS}
     direct: dict[int, list[float]] = {c: [] for c in LEVELS}
     try:
+        engine = engine_get(
+            directory=artifact_dir(version.artifact_path),
+            sha256=version.sha256,
+            context_window=version.context_window,
+        )
         _wait_for(lambda: "ready." in worker_log.read_text(errors="replace"), "worker", worker)
 
         def listening() -> bool:
