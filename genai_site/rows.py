@@ -45,9 +45,37 @@ def row_insert(obj: M) -> M:
     with connection.cursor() as cursor:
         cursor.execute(sql, values)
         obj.pk = cursor.fetchone()[0]
+    return row_stored(obj)
+
+
+def row_stored(obj: M) -> M:
+    """Mark an instance as the row the database now holds (its INSERT was written here)."""
     obj._state.adding = False
     obj._state.db = DEFAULT_DB_ALIAS
     return obj
+
+
+def row_update(model: type[models.Model], values: dict[str, Any], **where: Any) -> int:
+    """`model.objects.filter(**where).update(**values)` as one statement, for equality filters
+    on the model's own fields (by attribute name); returns how many rows it changed."""
+    meta = model._meta
+
+    def field(name: str) -> models.Field:  # type: ignore[type-arg]
+        return next(f for f in meta.concrete_fields if f.attname == name or f.name == name)
+
+    sets = [(field(name), value) for name, value in values.items()]
+    conditions = [(field(name), value) for name, value in where.items()]
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET "
+        + ", ".join(f"{quote(f.column)} = %s" for f, _ in sets)
+        + " WHERE "
+        + " AND ".join(f"{quote(f.column)} = %s" for f, _ in conditions)
+    )
+    params = [f.get_db_prep_save(v, connection) for f, v in sets]
+    params += [f.get_db_prep_value(v, connection) for f, v in conditions]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 @functools.cache

@@ -18,12 +18,12 @@ from datetime import UTC
 from typing import Any, Literal
 
 from django.contrib.auth.models import AnonymousUser, User
-from django.db import DEFAULT_DB_ALIAS, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Max, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from genai_site.rows import quote, row_values
+from genai_site.rows import quote, row_stored, row_values
 from governance.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
@@ -156,9 +156,7 @@ def audit_record(
     with transaction.atomic(savepoint=False), connection.cursor() as cursor:
         cursor.execute(_APPEND_SQL, [*values, before, after, AUDIT_CHAIN_LOCK])
         event.pk, event.prev_hash, event.hash = cursor.fetchone()
-    event._state.adding = False
-    event._state.db = DEFAULT_DB_ALIAS
-    return event
+    return row_stored(event)
 
 
 @dataclass(frozen=True)

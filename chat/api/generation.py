@@ -9,11 +9,11 @@ so the job completes once.
 
 import logging
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection, models, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from chat.api.events import job_end_event, job_event_publish
@@ -35,7 +35,7 @@ from chat.serving import (
     usage_settle,
 )
 from genai_site.config_cache import config_snapshot
-from genai_site.rows import quote, row_columns, row_load
+from genai_site.rows import quote, row_columns, row_load, row_update
 from governance.audit import audit_record
 from governance.budgets import budget_release
 from governance.holds import safety_hold_create
@@ -228,21 +228,6 @@ def _generate(job: Job, deployment_id: int | None) -> None:
     _settle(job, publisher, served, chosen, deployment)
 
 
-def _settled_save(job: Job, values: dict[str, Any]) -> bool:
-    """Save the settled fields if this run still holds the job (a redelivered task that
-    claimed it since has the last word). One statement, as `update()` would write it."""
-    fields = [cast(models.Field, Job._meta.get_field(name)) for name in values]  # type: ignore[type-arg]
-    assignments = ", ".join(f"{quote(f.column)} = %s" for f in fields)
-    params = [f.get_db_prep_save(values[f.attname], connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {quote(Job._meta.db_table)} SET {assignments} "
-            "WHERE id = %s AND run = %s AND status = %s",
-            [*params, job.pk, job.run, Job.Status.RUNNING.value],
-        )
-        return cursor.rowcount == 1
-
-
 def _settle(
     job: Job,
     publisher: StreamPublisher,
@@ -279,8 +264,16 @@ def _settle(
         "finished_at": timezone.now(),
     }
     with transaction.atomic():
-        # The version that answered: a fallback's, when the routed one could not.
-        if not _settled_save(job, {**settled, "model_version_id": version.pk}):
+        # Only if this run still holds the job: a redelivered task that claimed it since has
+        # the last word. The version that answered: a fallback's, when the routed one could not.
+        saved = row_update(
+            Job,
+            {**settled, "model_version_id": version.pk},
+            id=job.pk,
+            run=job.run,
+            status=Job.Status.RUNNING,
+        )
+        if not saved:
             return
         if outcome.fate in (Fate.HELD, Fate.BLOCKED):
             # The exact cache took the answer as the model gave it, before the filters and

@@ -11,6 +11,8 @@ from models_admin.engine import Engine, EngineError, GenerationResult, SamplingP
 from models_admin.models import Deployment, ModelVersion
 from models_admin.store import artifact_dir
 
+logger = logging.getLogger(__name__)
+
 
 class LocalBackend:
     remote = False
@@ -46,9 +48,6 @@ def local_backend_get(version: ModelVersion) -> LocalBackend:
         context_window=version.context_window,
     )
     return LocalBackend(engine)
-
-
-logger = logging.getLogger(__name__)
 
 
 def local_engines_preload(*, queues: Iterable[str]) -> list[str]:
