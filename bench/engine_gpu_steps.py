@@ -8,7 +8,8 @@ Prints, per model: the decode step's device time (its captured graph replayed ba
 timed with CUDA events) at 1 and 32 rows, with the bandwidth utilisation that time allows; the
 same step as the engine runs it (tokens/s of one stream, host work included); a prefill
 forward's device time for 1 to 16 prompts of 512 tokens (TFLOP/s counting the linear layers);
-and time to first token of 32 streams of 512-token prompts for several prefill chunk budgets.
+the host's time to launch a prefill, captured and not; and time to first token of 32 streams of
+512-token prompts for several prefill chunk budgets.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,6 +127,22 @@ def profile(
         ms = device_ms(prefill, 3, 5)
         tflops = linear * n * 512 / (ms / 1000) / 1e12
         rows.append(f"| prefill {n} x 512 tokens | {ms:.2f} ms | {tflops:.0f} TFLOP/s |")
+    # The host's side of a prefill: the call's own time, without waiting for the device.
+    for graphed in (True, False):
+        runner.use_graphs = graphed
+        launches = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            result = runner.prefill(slots=list(range(4)), prompts=long[:4])
+            launches.append((time.perf_counter() - started) * 1000)
+            result.picks()
+        how = "captured graph" if graphed else "compiled forwards launched from Python"
+        rows.append(
+            f"| prefill 4 x 512 tokens, host time of the call ({how}) "
+            f"| {statistics.median(launches[1:]):.2f} ms | |"
+        )
+    runner.use_graphs = True
     # Time to first token at 32 streams of 512-token prompts, per chunk budget.
     for budget in budgets:
         engine.prefill_tokens = budget

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
+# A captured prefill's width (padded prompt length) is a multiple of this many tokens.
+PREFILL_WIDTH_STEP = 64
+
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 
@@ -361,8 +364,16 @@ class LlamaRunner:
         # rows; with bf16 activations (the int4 weights) such differences grow into different
         # greedy tokens. One call per row costs about 0.3 ms per layer at 8 rows on 2 cores.
         self.row_attention = device.type == "cpu"
+        # On CUDA each row attends over its own span in our own kernel (`decode_attention`),
+        # without a mask; SDPA over the batch's span with a mask where the kernel cannot run.
+        self.decode_kernel = device.type == "cuda" and _decode_kernel_fits(self.head_dim)
+        if self.decode_kernel:
+            from models_admin.decode_attention import decode_attention
+
+            self.attend = decode_attention
         self._last_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
         self.graph_pool: Any = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # The forwards, plain or fused by torch.compile (fewer, larger kernels, and far fewer
         # launches from Python: an eager prefill of a 1B model spends ~12 ms launching its
@@ -487,13 +498,35 @@ class LlamaRunner:
         positions first). Returns n rows; on a GPU nothing here waits for the device.
         """
         t = max(len(p) for p in prompts)
+        graphed = self.device.type == "cuda" and self.use_graphs
+        if graphed:
+            # Captured per (prompts, width): the width rounds up to PREFILL_WIDTH_STEP tokens.
+            t = min(-(-t // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP, self.max_len)
         ids = self._to_device([p + [0] * (t - len(p)) for p in prompts])
         rows = self._to_device(slots)
         # Index of each prompt's last token in the flattened [n * t] rows.
         last = self._to_device([i * t + len(p) - 1 for i, p in enumerate(prompts)])
+        if graphed:
+            return self._prefill_graphed(ids, rows, last)
         logits = self.prefill_body(ids, rows, last)
         _tokens, picks = _greedy(logits)
         return self._result(logits, picks)
+
+    def _prefill_graphed(
+        self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
+    ) -> StepResult:
+        n, width = ids.shape
+        graph = self._prefill_graphs.get((n, width))
+        if graph is None:
+            graph = _PrefillGraph(self, ids, rows, last)
+            self._prefill_graphs[(n, width)] = graph
+        else:
+            graph.ids.copy_(ids)
+            graph.rows.copy_(rows)
+            graph.last.copy_(last)
+        graph.graph.replay()
+        # The next chunk may replay the same graph before these logits are read (sampling).
+        return self._result(graph.logits.clone(), graph.picks)
 
     @torch.inference_mode()
     def prefill_blocks(
@@ -608,7 +641,7 @@ class LlamaRunner:
         sin = self.sin[pos].unsqueeze(1)
         rows = torch.arange(b, device=self.device)
         mask = None
-        if spans is None:
+        if spans is None and not self.decode_kernel:
             # Slot i may only see its own first pos[i] + 1 cache entries. An additive mask made
             # once per step (a boolean one is converted again inside every attention call).
             visible = torch.arange(span, device=self.device)[None, :] <= pos[:, None]
@@ -619,7 +652,18 @@ class LlamaRunner:
         delta = torch.zeros_like(h)
         for i, layer in enumerate(self.decode_layers):
             h, delta = self.decode_layer(
-                layer, self.k_cache[i], self.v_cache[i], h, delta, cos, sin, rows, pos, mask, spans
+                layer,
+                self.k_cache[i],
+                self.v_cache[i],
+                h,
+                delta,
+                cos,
+                sin,
+                rows,
+                pos,
+                span,
+                mask,
+                spans,
             )
         return self.logits(h + delta)
 
@@ -634,6 +678,7 @@ class LlamaRunner:
         sin: torch.Tensor,
         rows: torch.Tensor,
         pos: torch.Tensor,
+        span: int,
         mask: torch.Tensor | None,
         spans: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -643,12 +688,15 @@ class LlamaRunner:
         q, k, v = self._qkv(layer, h, cos, sin)
         k_cache[rows, :, pos] = k
         v_cache[rows, :, pos] = v
+        if self.decode_kernel:
+            attn = self.attend(q, k_cache[:b, :, :span], v_cache[:b, :, :span], pos)
+            h = h + layer.o(attn.reshape(b, -1))
+            return h, self._mlp(layer, h)
         # Grouped-query attention without expanding the cache: the query heads that share a KV
         # head take the place of the query length (one token each).
         q = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         if spans is None:
             assert mask is not None
-            span = mask.shape[-1]
             keys = k_cache[:b, :, :span]
             values = v_cache[:b, :, :span]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
@@ -740,6 +788,9 @@ class LlamaRunner:
             self.compiled = False
             self._plain_forwards()
             self._graphs.clear()
+            self._prefill_graphs.clear()
+            # Captures into a pool whose graphs were dropped trip the caching allocator.
+            self.graph_pool = torch.cuda.graph_pool_handle()
 
     @torch.inference_mode()
     def slot_move(self, *, source: int, target: int, length: int) -> None:
@@ -747,6 +798,41 @@ class LlamaRunner:
         for k, v in zip(self.k_cache, self.v_cache, strict=True):
             k[target, :, :length] = k[source, :, :length]
             v[target, :, :length] = v[source, :, :length]
+
+
+def _decode_kernel_fits(head_dim: int) -> bool:
+    """Whether `decode_attention` serves this model here (Triton present, a power-of-2 head)."""
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _PrefillGraph:
+    """One captured prefill for a fixed (prompts, width), made with its first chunk's inputs.
+
+    A prefill launched from Python costs the host about 15 ms for a 1B model of 16 layers
+    (compiled one layer at a time), whatever the chunk's size: up to 2048 tokens the device
+    waited for the host. Replayed, the launch is one call.
+    """
+
+    def __init__(
+        self, runner: LlamaRunner, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
+    ):
+        # The warm-up really runs: with these inputs it writes only the slots being filled.
+        self.ids, self.rows, self.last = ids.clone(), rows.clone(), last.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _greedy(runner.prefill_body(self.ids, self.rows, self.last))
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.logits = runner.prefill_body(self.ids, self.rows, self.last)
+            _tokens, self.picks = _greedy(self.logits)
 
 
 class _DecodeGraph:
