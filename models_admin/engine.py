@@ -194,7 +194,7 @@ class Engine:
                 # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
                 compile_steps=self.device.type == "cuda"
                 and os.environ.get("ENGINE_COMPILE") != "0",
-                compile_scope=os.environ.get("ENGINE_COMPILE_SCOPE", "model"),
+                compile_scope=os.environ.get("ENGINE_COMPILE_SCOPE", "layer"),
             )
             self.runner.warm_up()
 

@@ -16,8 +16,9 @@ prompts. A model whose weights already sit on a 4-bit grid (one imported from a 
 file) also decodes with them in that form: 4-bit groups of 32 with a scale and an offset each,
 read by PyTorch's int4 CPU kernel (bf16 activations). A decode step of one sequence reads a
 quarter of the bytes and takes about half the time in its linear layers; prompts are still
-prefilled with the fp16 weights, where the fp16 GEMM is faster. On CUDA everything is bf16 with
-scaled-dot-product attention.
+prefilled with the fp16 weights, where the fp16 GEMM is faster. On CUDA everything is bf16:
+prefill attends with scaled-dot-product (flash) attention, decode steps with our own kernel
+(`models_admin.decode_attention`), and both are captured as CUDA graphs.
 """
 
 import logging
