@@ -50,7 +50,7 @@ def _split_kernel(
     CHUNK: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in a large cache
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # Padding rows sit at a scratch position past the span: they read the span and no further.

@@ -148,7 +148,8 @@ class StepResult:
 
     On a GPU the picks travel to pinned host memory with an asynchronous copy, so that the
     caller can queue the next forward before it waits for this one (`picks()` waits).
-    `logits` is only valid until the next decode step runs (a captured graph reuses it).
+    `logits` is only valid until the next decode step or prefill runs (captured graphs reuse
+    their outputs, and share one memory pool).
     """
 
     def __init__(self, logits: torch.Tensor, picks: torch.Tensor, ready: Any = None):
@@ -240,7 +241,7 @@ class LlamaRunner:
         max_len: int,
         cpu_weights: str = "fp16",
         compile_steps: bool = False,
-        compile_scope: str = "model",
+        compile_scope: str = "layer",
         compile_backend: Any = "inductor",
     ):
         config = hf_model.config
