@@ -1,6 +1,6 @@
 """Operator settings that every request reads (deployments and their routes, model versions,
-safety and review policies, blocked terms, the usage limits that apply to a user and key), kept
-in each process until any of them changes anywhere.
+safety and review policies, blocked terms, the usage limits that apply to a user and key, API
+keys and their owners), kept in each process until any of them changes anywhere.
 
 A request reads them several times on its way through the web process and the worker; each
 read was a query. Here a process keeps what it read under the current *generation*, a counter in
@@ -19,7 +19,7 @@ Without Redis, nothing is cached: every read goes to the database.
 import copy
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
@@ -29,6 +29,8 @@ import redis
 from django.conf import settings
 from django.db import connection, models, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
+
+from genai_site.redis_loop import redis_loop_client
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,15 @@ def _client() -> redis.Redis:
 def _generation() -> int | None:
     try:
         value: bytes | None = _client().get(_GENERATION_KEY)  # type: ignore[assignment]
+    except redis.RedisError:
+        return None
+    return int(value) if value is not None else 0
+
+
+async def _generation_async() -> int | None:
+    client = redis_loop_client("config", socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        value: bytes | None = await client.get(_GENERATION_KEY)
     except redis.RedisError:
         return None
     return int(value) if value is not None else 0
@@ -103,6 +114,22 @@ def config_cached(key: Hashable, load: Callable[[], T]) -> T:
         _entry_store(key, generation, value)
         entry = (generation, value)
     return copy.deepcopy(entry[1])
+
+
+async def config_cached_async(key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
+    """`config_cached` for the event loop: the generation is read without blocking the loop,
+    and `load` runs only when this process holds nothing for `key` under it. Nothing is kept
+    when `load` raises."""
+    generation = await _generation_async()
+    if generation is None:
+        return await load()
+    with _entries_lock:
+        entry = _entries.get(key)
+    if entry is not None and entry[0] == generation:
+        return copy.deepcopy(entry[1])  # type: ignore[no-any-return]
+    value = await load()
+    _entry_store(key, generation, copy.deepcopy(value))
+    return value
 
 
 def _entry_store(key: Hashable, generation: int, value: Any) -> None:
@@ -160,10 +187,24 @@ def _on_write(sender: type[models.Model], **kwargs: Any) -> None:
     config_changed()
 
 
-def config_models_watch(*models_: type[models.Model]) -> None:
-    """Announce every save and delete of these models (called from their apps' `ready`)."""
+def _on_save_unless(ignored: frozenset[str]) -> Callable[..., None]:
+    def on_save(sender: type[models.Model], update_fields: Any = None, **kwargs: Any) -> None:
+        if update_fields and set(update_fields) <= ignored:
+            return
+        config_changed()
+
+    return on_save
+
+
+def config_models_watch(*models_: type[models.Model], ignoring: Iterable[str] = ()) -> None:
+    """Announce every save and delete of these models (called from their apps' `ready`). A
+    save of only `ignoring`'s fields (`save(update_fields=...)`) is not a change."""
+    on_save = _on_save_unless(frozenset(ignoring)) if ignoring else _on_write
     for model in models_:
-        post_save.connect(_on_write, sender=model, dispatch_uid=f"config-cache-save-{model}")
+        # Held strongly: `on_save` may be a closure that nothing else refers to.
+        post_save.connect(
+            on_save, sender=model, weak=False, dispatch_uid=f"config-cache-save-{model}"
+        )
         post_delete.connect(_on_write, sender=model, dispatch_uid=f"config-cache-delete-{model}")
 
 

@@ -11,11 +11,13 @@ import hmac
 import secrets
 from collections.abc import Iterable
 
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
 
+from genai_site.config_cache import config_cached_async
 from genai_site.rows import quote, row_columns, row_load
 from governance.audit import audit_record
 from governance.models import ApiKey, UsageLimit
@@ -172,19 +174,66 @@ def _api_key_with_user(prefix: str) -> ApiKey | None:
     return api_key
 
 
-def api_key_authenticate(*, raw: str) -> ApiKey:
-    """The active key that `raw` is, or ApiKeyInvalid saying why not."""
+def _prefix_of(raw: str) -> str:
     parts = raw.strip().split("_", 2) if isinstance(raw, str) else []
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         raise ApiKeyInvalid("Malformed API key: expected gsk_<prefix>_<secret>.")
-    api_key = _api_key_with_user(parts[1])
+    return parts[1]
+
+
+def _verify(api_key: ApiKey | None, raw: str, now: dt.datetime) -> ApiKey:
+    """`api_key` if `raw` is its secret and it and its owner are active at `now`."""
     if api_key is None or not hmac.compare_digest(api_key.secret_hash, _hash(raw.strip())):
         raise ApiKeyInvalid("Unknown API key.")
-    now = timezone.now()
     _raise_unless_active(api_key, now)
     if not api_key.user.is_active:
         raise ApiKeyInvalid(f"The owner of API key {api_key.prefix} is deactivated.")
-    # Not audited: every API request is, through admission. Only one write a minute per key.
-    if api_key.last_used_at is None or now - api_key.last_used_at > dt.timedelta(minutes=1):
-        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    return api_key
+
+
+# Not audited: every API request is, through admission. One write a minute per key and process.
+_LAST_USED_EVERY = dt.timedelta(minutes=1)
+_touched: dict[int, dt.datetime] = {}
+
+
+def _touch_due(api_key: ApiKey, now: dt.datetime) -> bool:
+    seen = [t for t in (api_key.last_used_at, _touched.get(api_key.pk)) if t is not None]
+    return not seen or now - max(seen) > _LAST_USED_EVERY
+
+
+_TOUCH_SQL = f"UPDATE {quote(ApiKey._meta.db_table)} SET last_used_at = %s WHERE id = %s"
+
+
+def _touch(api_key_id: int, now: dt.datetime) -> None:
+    # Not through the queryset: the time of last use changes no cached reader's answer, and
+    # announcing it would drop every process's settings cache once a minute per key.
+    _touched[api_key_id] = now
+    with connection.cursor() as cursor:
+        cursor.execute(_TOUCH_SQL, [now, api_key_id])
+
+
+def api_key_authenticate(*, raw: str) -> ApiKey:
+    """The active key that `raw` is, or ApiKeyInvalid saying why not."""
+    prefix = _prefix_of(raw)
+    now = timezone.now()
+    api_key = _verify(_api_key_with_user(prefix), raw, now)
+    if _touch_due(api_key, now):
+        _touch(api_key.pk, now)
+    return api_key
+
+
+async def api_key_authenticate_async(*, raw: str) -> ApiKey:
+    """`api_key_authenticate` on the event loop. The key and its owner, once read, are kept in
+    this process's settings cache (`genai_site.config_cache`): a later request with that key
+    takes no query and no thread, only the cache's generation read. The secret, the key's
+    state and expiry and its owner's are checked on every request; revoking or changing a key,
+    or changing a user, is a settings change, so the next request reads the rows again."""
+    prefix = _prefix_of(raw)
+    api_key = await config_cached_async(
+        ("api_key", prefix), lambda: sync_to_async(api_key_authenticate)(raw=raw)
+    )
+    now = timezone.now()
+    _verify(api_key, raw, now)
+    if _touch_due(api_key, now):
+        await sync_to_async(_touch)(api_key.pk, now)
     return api_key

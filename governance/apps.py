@@ -10,7 +10,7 @@ class GovernanceConfig(AppConfig):
 
         from genai_site.config_cache import config_models_watch, config_relations_watch
         from governance import signals
-        from governance.models import BlockedTerm, ReviewPolicy, SafetyPolicy, UsageLimit
+        from governance.models import ApiKey, BlockedTerm, ReviewPolicy, SafetyPolicy, UsageLimit
         from models_admin.signals import registry_changed
 
         # The safety filters and review policies read these on every request, from each
@@ -20,6 +20,11 @@ class GovernanceConfig(AppConfig):
         # same cache; group membership decides which groups' limits apply.
         config_models_watch(UsageLimit, Group)
         config_relations_watch(User.groups.through)
+        # The /v1 API authenticates from the same cache: revoking or editing a key, and
+        # deactivating (or editing) its owner, apply from the next request. Logging in saves
+        # only `last_login`, which no cached reader uses.
+        config_models_watch(ApiKey)
+        config_models_watch(User, ignoring=("last_login",))
 
         user_logged_in.connect(signals.audit_user_logged_in, dispatch_uid="governance.audit.login")
         user_logged_out.connect(

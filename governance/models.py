@@ -39,6 +39,10 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    # Keys are authenticated from each process's settings cache: a bulk update announces
+    # itself as a save does.
+    objects = ConfigQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at", "-id"]
         verbose_name = "API key"

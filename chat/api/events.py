@@ -5,16 +5,15 @@ A stream rather than a channel-layer group: a reader that subscribes late (the p
 it began to listen) still reads every event, in order. Entries expire with the stream.
 """
 
-import asyncio
 import json
-import weakref
 from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 from django.conf import settings
+
+from genai_site.redis_loop import redis_loop_client
 
 _STREAM_TTL_SECONDS = 3600
 _sync_client: redis.Redis | None = None
@@ -29,21 +28,6 @@ def _client() -> redis.Redis:
     if _sync_client is None:
         _sync_client = redis.Redis.from_url(settings.REDIS_URL)
     return _sync_client
-
-
-# One pool per event loop (an asyncio connection belongs to the loop that opened it): a reader
-# takes a connection for its blocking reads and gives it back, instead of connecting anew.
-_async_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.ConnectionPool]" = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _async_pool() -> aioredis.ConnectionPool:
-    loop = asyncio.get_running_loop()
-    pool = _async_pools.get(loop)
-    if pool is None:
-        pool = _async_pools[loop] = aioredis.ConnectionPool.from_url(settings.REDIS_URL)
-    return pool
 
 
 # What a worker saves when it settles a job; its `end` event carries them (see `job_settled`).
@@ -96,7 +80,7 @@ async def job_events_read(
 ) -> AsyncGenerator[dict[str, Any] | None, None]:
     """Every event of the job from the first; None after each `block_ms` without one, so the
     caller can look at the job's row (the stream may have expired) or give up."""
-    client = aioredis.Redis(connection_pool=_async_pool())
+    client = redis_loop_client("events")
     last = "0"
     try:
         while True:

@@ -41,7 +41,7 @@ from chat.api.services import (
 )
 from chat.api.streams import completion_chunks, job_event_stream, job_wait
 from chat.models import Job
-from governance.api_keys import ApiKeyInvalid, api_key_authenticate
+from governance.api_keys import ApiKeyInvalid, api_key_authenticate_async
 from governance.models import ApiKey
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,12 @@ class ApiKeyBearer(HttpBearer):
             raise unauthorized("Send your API key as 'Authorization: Bearer gsk_...'.")
         return super().__call__(request)  # type: ignore[no-any-return]
 
-    def authenticate(self, request: HttpRequest, token: str) -> ApiKey:
+    # ninja awaits the check in async views and runs it to completion in sync ones.
+    is_async = True
+
+    async def authenticate(self, request: HttpRequest, token: str) -> ApiKey:
         try:
-            return api_key_authenticate(raw=token)
+            return await api_key_authenticate_async(raw=token)
         except ApiKeyInvalid as exc:
             raise unauthorized(str(exc)) from exc
 

@@ -162,3 +162,42 @@ def test_the_page_rejects_a_key_without_name_or_scope_and_saves_nothing() -> Non
 def test_anonymous_visitors_are_sent_to_log_in() -> None:
     response = Client().get(PAGE)
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+
+
+def test_a_key_seen_before_takes_no_query_and_a_revocation_or_deactivation_applies_at_once(
+    django_assert_num_queries,  # type: ignore[no-untyped-def]
+) -> None:
+    from asgiref.sync import async_to_sync
+    from django.contrib.auth.models import update_last_login
+
+    from governance.api_keys import api_key_authenticate_async, api_key_revoke
+
+    authenticate = async_to_sync(api_key_authenticate_async)
+    user = user_create()
+    api_key, raw = _new_key(user)
+    other, other_raw = _new_key(user_create(username="other"))
+    assert authenticate(raw=raw) == api_key
+    assert authenticate(raw=other_raw) == other
+    with django_assert_num_queries(0):
+        assert authenticate(raw=raw).user == user
+        # The prefix finds the cached key; the secret is still compared.
+        with pytest.raises(ApiKeyInvalid, match="Unknown API key"):
+            authenticate(raw=raw[:-1] + ("A" if raw[-1] != "A" else "B"))
+    # Logging in saves only the time of the login: the keys stay cached.
+    update_last_login(type(user), user)
+    with django_assert_num_queries(0):
+        authenticate(raw=raw)
+
+    api_key_revoke(api_key_id=api_key.pk, actor=user)
+    with pytest.raises(ApiKeyInvalid, match="was revoked"):
+        authenticate(raw=raw)
+    ApiKey.objects.filter(pk=other.pk).update(expires_at=timezone.now() - dt.timedelta(1))
+    with pytest.raises(ApiKeyInvalid, match="expired"):
+        authenticate(raw=other_raw)
+
+    third, third_raw = _new_key(user_create(username="third"))
+    assert authenticate(raw=third_raw) == third
+    third.user.is_active = False
+    third.user.save()
+    with pytest.raises(ApiKeyInvalid, match="deactivated"):
+        authenticate(raw=third_raw)

@@ -1,0 +1,27 @@
+"""Redis from the event loop: a connection pool per loop and purpose.
+
+An asyncio connection belongs to the loop that opened it, so each loop gets its own pools, and
+a coroutine borrows a connection instead of connecting anew. Purposes differ in their timeouts:
+a blocking stream read waits as long as it asks, a settings read gives up quickly.
+"""
+
+import asyncio
+import weakref
+from typing import Any
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+_Pools = dict[str, aioredis.ConnectionPool]
+_pools: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pools]" = weakref.WeakKeyDictionary()
+
+
+def redis_loop_client(purpose: str, **options: Any) -> aioredis.Redis:
+    """A client on this loop's pool for `purpose`; `options` (timeouts) apply when the pool is
+    made, the first time this loop asks for that purpose."""
+    loop = asyncio.get_running_loop()
+    pools = _pools.setdefault(loop, {})
+    pool = pools.get(purpose)
+    if pool is None:
+        pool = pools[purpose] = aioredis.ConnectionPool.from_url(settings.REDIS_URL, **options)
+    return aioredis.Redis(connection_pool=pool)
