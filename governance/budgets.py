@@ -313,15 +313,23 @@ def _usage_move(
         cursor.execute(_MOVE_SQL, params)
 
 
-# The reservation closes only if it is still held; its cost at its own prices, rounded half up
-# to a millionth as `cost_of` does. The budget rows come back in id order, as reserving takes them.
+# The reservation closes only if it is still held, at its own prices (rounded half up to a
+# millionth, as `cost_of` does), and its hold moves into use on every budget row it holds, in
+# one statement. The rows are locked in id order, as reserving takes them, so a settle and a
+# reservation over the same rows wait for each other instead of deadlocking.
 _FINISH_SQL = (
-    f"UPDATE {quote(QuotaReservation._meta.db_table)} "
+    f"WITH closed AS (UPDATE {quote(QuotaReservation._meta.db_table)} "
     "SET status = %(status)s, settled_tokens = %(tokens)s, settled_cost = ROUND("
     "(%(input)s * price_input_per_1k + %(output)s * price_output_per_1k) * 0.001, 6) "
-    "WHERE id = %(id)s AND status = 'held' RETURNING tokens, cost, settled_cost, "
-    f"ARRAY(SELECT budgetusage_id FROM {quote(_USAGES)} WHERE quotareservation_id = %(id)s "
-    "ORDER BY budgetusage_id)"
+    "WHERE id = %(id)s AND status = 'held' RETURNING tokens, cost, settled_cost), "
+    f"locked AS (SELECT id FROM {quote(BudgetUsage._meta.db_table)} WHERE id IN ("
+    f"SELECT budgetusage_id FROM {quote(_USAGES)} WHERE quotareservation_id = %(id)s) "
+    "ORDER BY id FOR UPDATE), "
+    f"moved AS (UPDATE {quote(BudgetUsage._meta.db_table)} SET "
+    "tokens_reserved = tokens_reserved - closed.tokens, tokens_used = tokens_used + %(tokens)s, "
+    "cost_reserved = cost_reserved - closed.cost, cost_used = cost_used + closed.settled_cost "
+    "FROM closed WHERE id IN (SELECT id FROM locked)) "
+    "SELECT settled_cost FROM closed"
 )
 
 
@@ -331,28 +339,17 @@ def _finish(
     """Close a held reservation and move its hold into use: the tokens counted, at the prices
     it was made with. Returns that cost, or None if it was already closed (or never was).
     The reservation's own `tokens` and `cost` never change."""
-    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
-        params: dict[str, Any] = {
-            "status": status,
-            "input": input_tokens,
-            "output": output_tokens,
-            "tokens": input_tokens + output_tokens,
-            "id": reservation_id,
-        }
+    params: dict[str, Any] = {
+        "status": status,
+        "input": input_tokens,
+        "output": output_tokens,
+        "tokens": input_tokens + output_tokens,
+        "id": reservation_id,
+    }
+    with connection.cursor() as cursor:
         cursor.execute(_FINISH_SQL, params)
         row = cursor.fetchone()
-        if row is None:
-            return None
-        held_tokens, held_cost, cost, usage_ids = row
-        for usage_id in usage_ids:
-            _usage_move(
-                usage_id,
-                tokens=-held_tokens,
-                cost=-held_cost,
-                used_tokens=input_tokens + output_tokens,
-                used_cost=cost,
-            )
-    return Decimal(cost)
+    return None if row is None else Decimal(row[0])
 
 
 def budget_settle(*, reservation_id: int, input_tokens: int, output_tokens: int) -> Decimal | None:

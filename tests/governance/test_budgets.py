@@ -227,3 +227,26 @@ def test_a_user_added_to_a_group_meets_its_limits_from_the_next_request() -> Non
     assert isinstance(refusal, Refusal) and refusal.limit == "group.tokens_per_day"
     user.groups.remove(group)
     assert isinstance(_admit(user), QuotaReservation)
+
+
+def test_settling_moves_the_hold_into_use_on_every_budget_row_while_others_reserve() -> None:
+    # Each request reserves on two rows (the user's day, the group's month) and settles both in
+    # one statement; admissions and settles of 48 requests at once must neither deadlock nor
+    # lose a token.
+    group = Group.objects.create(name="team")
+    user = user_create()
+    user.groups.add(group)
+    UsageLimit.objects.create(user=user, tokens_per_day=1_000_000)
+    UsageLimit.objects.create(group=group, tokens_per_month=1_000_000)
+
+    def admit_and_settle(i: int) -> int:
+        reservation = _admit(user, 100, 50)
+        assert isinstance(reservation, QuotaReservation)
+        assert _settle(reservation.pk, 90, i % 50) == Decimal(0)
+        return 90 + i % 50
+
+    used = run_concurrently([partial(admit_and_settle, i) for i in range(48)], threads=16)
+    for usage in BudgetUsage.objects.filter(period__in=["day", "month"]):
+        assert usage.tokens_reserved == 0
+        assert usage.tokens_used == sum(used)
+    assert BudgetUsage.objects.count() == 2
