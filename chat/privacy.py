@@ -15,7 +15,7 @@ from django.utils import timezone
 from chat.models import Conversation, Document, KnowledgeBase, Message
 from chat.services import stop_key
 from governance.audit import audit_record
-from governance.budgets import budget_release
+from governance.budgets import budget_release_all
 from governance.models import RetentionPolicy, ReviewItem
 
 
@@ -24,12 +24,14 @@ def _delete_conversations(conversations: QuerySet[Conversation]) -> tuple[list[i
     quota given back, since nothing will settle it once the rows are gone."""
     conversation_ids = list(conversations.values_list("id", flat=True))
     messages = Message.objects.filter(conversation_id__in=conversation_ids)
+    held: list[int] = []
     for message_id, reservation_id in messages.filter(
         status__in=[Message.Status.PENDING, Message.Status.STREAMING]
     ).values_list("id", "reservation_id"):
         cache.set(stop_key(message_id), 1, timeout=3600)
         if reservation_id:
-            budget_release(reservation_id=reservation_id)
+            held.append(reservation_id)
+    budget_release_all(reservation_ids=held)
     message_count = messages.count()
     # Review items copy the answer's text; they go with the messages they are about.
     ReviewItem.objects.filter(

@@ -363,6 +363,26 @@ def budget_release(*, reservation_id: int) -> bool:
     return _finish(reservation_id, QuotaReservation.Status.RELEASED, 0, 0) is not None
 
 
+_LOCK_ALL_SQL = (
+    f"SELECT id FROM {quote(BudgetUsage._meta.db_table)} WHERE id IN ("
+    f"SELECT budgetusage_id FROM {quote(_USAGES)} WHERE quotareservation_id = ANY(%s)) "
+    "ORDER BY id FOR UPDATE"
+)
+
+
+def budget_release_all(*, reservation_ids: list[int]) -> int:
+    """Give several held reservations back in one transaction; returns how many were held.
+    Their budget rows are locked first, all together in id order as reserving takes them:
+    released one by one, each would lock only its own rows, and two reservations' rows in the
+    wrong order could deadlock against a reservation taking both."""
+    if not reservation_ids:
+        return 0
+    with transaction.atomic(savepoint=False):
+        with connection.cursor() as cursor:
+            cursor.execute(_LOCK_ALL_SQL, [reservation_ids])
+        return sum(budget_release(reservation_id=pk) for pk in reservation_ids)
+
+
 @dataclass(frozen=True)
 class BudgetMeter:
     """One of a user's own budgets, as the chat page shows it."""

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from governance.admission import Refusal, turn_admit
 from governance.audit import audit_verify
-from governance.budgets import budget_release, budget_settle, cost_of
+from governance.budgets import budget_release, budget_release_all, budget_settle, cost_of
 from governance.models import AuditEvent, BudgetUsage, QuotaReservation, UsageLimit
 from models_admin.models import Model, ModelVersion
 from tests.factories import user_create
@@ -250,3 +250,28 @@ def test_settling_moves_the_hold_into_use_on_every_budget_row_while_others_reser
         assert usage.tokens_reserved == 0
         assert usage.tokens_used == sum(used)
     assert BudgetUsage.objects.count() == 2
+
+
+def test_releasing_several_reservations_gives_every_hold_back_once() -> None:
+    # Reservations over different rows (two groups' months, two users' days), released
+    # together in an order other than their rows': each hold comes back, once.
+    first, second = Group.objects.create(name="one"), Group.objects.create(name="two")
+    users = [user_create() for _ in range(2)]
+    users[0].groups.add(second)
+    users[1].groups.add(first)
+    for group in (first, second):
+        UsageLimit.objects.create(group=group, tokens_per_month=10_000)
+    for user in users:
+        UsageLimit.objects.create(user=user, tokens_per_day=10_000)
+    held = [_admit(user) for user in users for _ in range(2)]
+    assert all(isinstance(r, QuotaReservation) for r in held)
+    settled = held.pop()
+    assert _settle(settled.pk, 100, 10) == Decimal(0)
+    ids = [r.pk for r in reversed(held)] + [settled.pk]
+    assert budget_release_all(reservation_ids=ids) == 3
+    assert budget_release_all(reservation_ids=ids) == 0
+    for usage in BudgetUsage.objects.all():
+        assert usage.tokens_reserved == 0
+        assert usage.tokens_used == (
+            110 if usage.user_id == users[1].pk or usage.group_id == first.pk else 0
+        )
