@@ -9,6 +9,11 @@ concurrency, given straight to an engine in this process (`Engine.generate`), in
 rounds with the API's. The platform's added latency is the difference of the two distributions
 at each percentile.
 
+A second baseline calls the engine over HTTP (`bench/direct_asgi.py`: a bare endpoint under the
+same server, with the same client), as a program would call an inference server of its own; the
+difference from it leaves out what any HTTP call costs (the client library, the server's
+parsing), which the in-process baseline counts as added.
+
     python -m genai_site.launcher run -- python bench/api_overhead.py
 """
 
@@ -101,15 +106,18 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ig
 TRACES: dict[int, list[tuple[float, float, str]]] = {}
 
 
-async def api_run(base: str, key: str, clients: int, total: int) -> list[float]:
+async def http_run(base: str, key: str | None, clients: int, total: int) -> list[float]:
+    """`total` requests from `clients` clients at once: to the /v1 API with `key`, or to the
+    bare engine endpoint without one."""
     latencies: list[float] = []
     traces = TRACES.setdefault(clients, [])
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with httpx.AsyncClient(
-        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300, limits=limits
+        base_url=base, headers=headers, timeout=300, limits=limits
     ) as client:
 
         async def one_client() -> None:
@@ -122,10 +130,11 @@ async def api_run(base: str, key: str, clients: int, total: int) -> list[float]:
                 }
                 sent = time.time()
                 started = time.perf_counter()
-                response = await client.post("/v1/chat/completions", json=body)
+                response = await client.post("/v1/chat/completions" if key else "/", json=body)
                 latencies.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200, response.text
-                traces.append((sent, time.time(), response.json()["id"]))
+                if key:
+                    traces.append((sent, time.time(), response.json()["id"]))
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
     return latencies
@@ -178,13 +187,38 @@ def stages(clients: int) -> list[tuple[str, float, float]]:
     return [(name, percentile(v, 0.5), percentile(v, 0.95)) for name, v in spans.items()]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _table(
+    levels: list[int], measured: dict[int, list[float]], base: dict[int, list[float]]
+) -> None:
+    print(
+        "| clients | requests | API median | API p95 | API p99 | baseline median | baseline p95 "
+        "| baseline p99 | added median | added p95 | added p99 |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in levels:
+        a, e = measured[c], base[c]
+        row = [percentile(a, q) for q in (0.5, 0.95, 0.99)]
+        eng = [percentile(e, q) for q in (0.5, 0.95, 0.99)]
+        added = [x - y for x, y in zip(row, eng, strict=True)]
+        cells = " | ".join(f"{v:.1f}" for v in (*row, *eng, *added))
+        print(f"| {c} | {len(a)} | {cells} |")
+
+
 def main() -> None:
     key = setup()
     version = Deployment.objects.get(alias=ALIAS).primary_version
-    port = 0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     worker_log = VAR / "bench-api-worker.log"
     worker = subprocess.Popen(
         [*worker_command(queues=QUEUE, concurrency=8), "-n", f"bench-api@{platform.node()}"],
@@ -198,11 +232,20 @@ def main() -> None:
         stdout=(VAR / "bench-api-web.log").open("w"),
         stderr=subprocess.STDOUT,
     )
+    direct_port = _free_port()
+    bare = subprocess.Popen(
+        [*web_command("127.0.0.1", direct_port)[:-1], "bench.direct_asgi:application"],
+        cwd=BASE_DIR,
+        env={**os.environ, "BENCH_DIRECT_ALIAS": ALIAS},
+        stdout=(VAR / "bench-api-direct.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     # The direct engine lives in this process, loaded before the runs; the two are measured
     # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
     # within minutes on these cores) falls on both alike.
     api: dict[int, list[float]] = {c: [] for c in LEVELS}
     direct: dict[int, list[float]] = {c: [] for c in LEVELS}
+    over_http: dict[int, list[float]] = {c: [] for c in LEVELS}
     try:
         engine = engine_get(
             directory=artifact_dir(version.artifact_path),
@@ -211,21 +254,21 @@ def main() -> None:
         )
         _wait_for(lambda: "ready." in worker_log.read_text(errors="replace"), "worker", worker)
 
-        def listening() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        _wait_for(listening, "daphne", web)
+        _wait_for(lambda: _listening(port), "daphne", web)
+        _wait_for(lambda: _listening(direct_port), "the bare engine endpoint", bare)
         base = f"http://127.0.0.1:{port}"
-        asyncio.run(api_run(base, key, 2, 10))  # warm-up: the worker loads the model
+        bare_base = f"http://127.0.0.1:{direct_port}"
+        asyncio.run(http_run(base, key, 2, 10))  # warm-up: the worker loads the model
+        asyncio.run(http_run(bare_base, None, 2, 10))
         engine_run(engine, version, 2, 10)
         for clients in LEVELS:
             total = REQUESTS.get(clients, 100)
             for share in _rounds(total, clients):
-                api[clients] += asyncio.run(api_run(base, key, clients, share))
+                api[clients] += asyncio.run(http_run(base, key, clients, share))
                 direct[clients] += engine_run(engine, version, clients, share)
+                over_http[clients] += asyncio.run(http_run(bare_base, None, clients, share))
     finally:
-        for proc in (web, worker):
+        for proc in (web, worker, bare):
             proc.terminate()
             proc.wait(timeout=30)
 
@@ -233,20 +276,15 @@ def main() -> None:
     print(f"# machine: {machine_describe()}")
     print("# model: SmolLM2-135M-Instruct; worker: 8 threads; web: one daphne process")
     print()
-    print(
-        "| clients | requests | API median | API p95 | API p99 | engine median | engine p95 "
-        "| engine p99 | added median | added p95 | added p99 |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for c in LEVELS:
-        a, e = api[c], direct[c]
-        row = [percentile(a, q) for q in (0.5, 0.95, 0.99)]
-        eng = [percentile(e, q) for q in (0.5, 0.95, 0.99)]
-        added = [x - y for x, y in zip(row, eng, strict=True)]
-        cells = " | ".join(f"{v:.1f}" for v in (*row, *eng, *added))
-        print(f"| {c} | {len(a)} | {cells} |")
+    print("Baseline: the engine in this process (`Engine.generate`), no HTTP.")
     print()
-    print("All figures in milliseconds. 'added' = API percentile minus engine percentile.")
+    _table(LEVELS, api, direct)
+    print()
+    print("Baseline: the engine behind a bare HTTP endpoint (`bench/direct_asgi.py`), same client.")
+    print()
+    _table(LEVELS, api, over_http)
+    print()
+    print("All figures in milliseconds. 'added' = API percentile minus baseline percentile.")
     print(f"mean API latency at 1 client: {statistics.mean(api[LEVELS[0]]):.1f} ms")
     print()
     print(f"Where a request's time goes at {LEVELS[0]} client(s) (from the job rows' timestamps):")
