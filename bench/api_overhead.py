@@ -232,14 +232,7 @@ def main() -> None:
         stdout=(VAR / "bench-api-web.log").open("w"),
         stderr=subprocess.STDOUT,
     )
-    direct_port = _free_port()
-    bare = subprocess.Popen(
-        [*web_command("127.0.0.1", direct_port)[:-1], "bench.direct_asgi:application"],
-        cwd=BASE_DIR,
-        env={**os.environ, "BENCH_DIRECT_ALIAS": ALIAS},
-        stdout=(VAR / "bench-api-direct.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    procs = [worker, web]
     # The direct engine lives in this process, loaded before the runs; the two are measured
     # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
     # within minutes on these cores) falls on both alike.
@@ -247,6 +240,17 @@ def main() -> None:
     direct: dict[int, list[float]] = {c: [] for c in LEVELS}
     over_http: dict[int, list[float]] = {c: [] for c in LEVELS}
     try:
+        direct_port = _free_port()
+        while direct_port == port:
+            direct_port = _free_port()
+        bare = subprocess.Popen(
+            [*web_command("127.0.0.1", direct_port)[:-1], "bench.direct_asgi:application"],
+            cwd=BASE_DIR,
+            env={**os.environ, "BENCH_DIRECT_ALIAS": ALIAS},
+            stdout=(VAR / "bench-api-direct.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(bare)
         engine = engine_get(
             directory=artifact_dir(version.artifact_path),
             sha256=version.sha256,
@@ -268,9 +272,13 @@ def main() -> None:
                 direct[clients] += engine_run(engine, version, clients, share)
                 over_http[clients] += asyncio.run(http_run(bare_base, None, clients, share))
     finally:
-        for proc in (web, worker, bare):
+        for proc in procs:
             proc.terminate()
-            proc.wait(timeout=30)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
     print(f"# machine: {machine_describe()}")

@@ -18,6 +18,7 @@ Without Redis, nothing is cached: every read goes to the database.
 
 import copy
 import logging
+import secrets
 import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 import redis
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, models, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
@@ -53,29 +55,58 @@ def _client() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
+# A counter that goes missing (Redis restarted without persistence, the key evicted or flushed)
+# starts again at a random value, never at 0: a process may still hold entries read under the old
+# counter's values, and a counter counting up from 0 again could meet one of them.
+def _epoch() -> int:
+    return secrets.randbelow(2**62) + 1
+
+
+# Set when a change could not be announced (Redis down): the next read that reaches Redis
+# announces it first, so processes that kept their entries through the outage drop them.
+_owed = threading.Event()
+
+
 def _generation() -> int | None:
+    client = _client()
     try:
-        value: bytes | None = _client().get(_GENERATION_KEY)  # type: ignore[assignment]
+        if _owed.is_set():
+            _announce(client)
+        value: bytes | None = client.get(_GENERATION_KEY)  # type: ignore[assignment]
+        if value is None:
+            client.set(_GENERATION_KEY, _epoch(), nx=True)
+            value = client.get(_GENERATION_KEY)  # type: ignore[assignment]
     except redis.RedisError:
         return None
-    return int(value) if value is not None else 0
+    return int(value or 0)
 
 
 async def _generation_async() -> int | None:
+    if _owed.is_set():
+        return await sync_to_async(_generation, thread_sensitive=False)()
     client = redis_loop_client("config", socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
         value: bytes | None = await client.get(_GENERATION_KEY)
     except redis.RedisError:
         return None
-    return int(value) if value is not None else 0
+    if value is None:
+        return await sync_to_async(_generation, thread_sensitive=False)()
+    return int(value)
+
+
+def _announce(client: redis.Redis) -> None:
+    client.set(_GENERATION_KEY, _epoch(), nx=True)
+    client.incr(_GENERATION_KEY)
+    _owed.clear()
 
 
 def _bump() -> None:
     try:
-        _client().incr(_GENERATION_KEY)
+        _announce(_client())
     except redis.RedisError:
-        # Other processes cannot be told: they keep their rows until Redis is back and the
-        # next change bumps the generation. This process at least drops its own.
+        # Other processes cannot be told now: the next read of this process that reaches
+        # Redis tells them. This process at least drops its own.
+        _owed.set()
         logger.warning("Could not announce a settings change; other processes may lag")
     with _entries_lock:
         _entries.clear()

@@ -136,22 +136,28 @@ def _raise_unless_active(api_key: ApiKey, now: dt.datetime) -> None:
 
 
 _STATE_SQL = (
-    f"SELECT prefix, revoked_at, expires_at FROM {quote(ApiKey._meta.db_table)} WHERE id = %s"
+    f"SELECT prefix, revoked_at, expires_at, {quote(User._meta.db_table)}.is_active "
+    f"FROM {quote(ApiKey._meta.db_table)} "
+    f"JOIN {quote(User._meta.db_table)} ON {quote(User._meta.db_table)}.id = user_id "
+    f"WHERE {quote(ApiKey._meta.db_table)}.id = %s"
 )
 
 
 def api_key_require_active(*, api_key_id: int) -> None:
-    """Raise ApiKeyInvalid unless the key is still active now (one statement: admission asks
-    on every request)."""
+    """Raise ApiKeyInvalid unless the key and its owner are still active now (one statement:
+    admission asks on every request, from the database, whatever the request's check read
+    from the settings cache)."""
     with connection.cursor() as cursor:
         cursor.execute(_STATE_SQL, [api_key_id])
         row = cursor.fetchone()
     if row is None:
         raise ApiKeyInvalid("Unknown API key.")
-    prefix, revoked_at, expires_at = row
+    prefix, revoked_at, expires_at, owner_active = row
     _raise_unless_active(
         ApiKey(prefix=prefix, revoked_at=revoked_at, expires_at=expires_at), timezone.now()
     )
+    if not owner_active:
+        raise ApiKeyInvalid(f"The owner of API key {prefix} is deactivated.")
 
 
 _WITH_USER_SQL = (

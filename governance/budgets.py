@@ -363,7 +363,11 @@ def budget_release(*, reservation_id: int) -> bool:
     return _finish(reservation_id, QuotaReservation.Status.RELEASED, 0, 0) is not None
 
 
-_LOCK_ALL_SQL = (
+_LOCK_RESERVATIONS_SQL = (
+    f"SELECT id FROM {quote(QuotaReservation._meta.db_table)} "
+    "WHERE id = ANY(%s) AND status = 'held' ORDER BY id FOR UPDATE"
+)
+_LOCK_USAGES_SQL = (
     f"SELECT id FROM {quote(BudgetUsage._meta.db_table)} WHERE id IN ("
     f"SELECT budgetusage_id FROM {quote(_USAGES)} WHERE quotareservation_id = ANY(%s)) "
     "ORDER BY id FOR UPDATE"
@@ -372,15 +376,21 @@ _LOCK_ALL_SQL = (
 
 def budget_release_all(*, reservation_ids: list[int]) -> int:
     """Give several held reservations back in one transaction; returns how many were held.
-    Their budget rows are locked first, all together in id order as reserving takes them:
-    released one by one, each would lock only its own rows, and two reservations' rows in the
-    wrong order could deadlock against a reservation taking both."""
+
+    Locks are taken in the order every other writer takes them: the reservations first (a
+    settle closes its reservation before it touches the budget rows), then all their budget
+    rows together in id order (as reserving takes them). Released one by one, each would lock
+    only its own rows, and two reservations' rows in the wrong order could deadlock against a
+    reservation taking both."""
     if not reservation_ids:
         return 0
-    with transaction.atomic(savepoint=False):
-        with connection.cursor() as cursor:
-            cursor.execute(_LOCK_ALL_SQL, [reservation_ids])
-        return sum(budget_release(reservation_id=pk) for pk in reservation_ids)
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
+        cursor.execute(_LOCK_RESERVATIONS_SQL, [reservation_ids])
+        held = [pk for (pk,) in cursor.fetchall()]
+        if not held:
+            return 0
+        cursor.execute(_LOCK_USAGES_SQL, [held])
+        return sum(budget_release(reservation_id=pk) for pk in held)
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,22 @@ def test_a_process_drops_what_it_read_under_older_generations() -> None:
     assert config_cache.config_cached(("new-entry",), lambda: 2) == 2
     assert ("old-entry",) not in config_cache._entries
     assert ("new-entry",) in config_cache._entries
+
+
+def test_a_counter_that_went_missing_starts_at_a_random_value_and_an_unsent_change_is_sent_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A process may hold entries read under the old counter's values: counting from 0 again
+    # could meet one of them.
+    config_cache._client().delete(config_cache._GENERATION_KEY)
+    restarted = config_cache._generation()
+    assert restarted is not None and restarted > 2**20
+    assert config_cache._generation() == restarted
+
+    # Redis down while a change commits: the change is owed and announced by the next read.
+    with monkeypatch.context() as patched:
+        patched.setattr(config_cache, "_client", lambda: redis.Redis(port=1, socket_timeout=0.2))
+        config_cache._bump()
+        assert config_cache._generation() is None
+    assert config_cache._generation() == restarted + 1
+    assert config_cache._generation() == restarted + 1

@@ -195,9 +195,47 @@ def test_a_key_seen_before_takes_no_query_and_a_revocation_or_deactivation_appli
     with pytest.raises(ApiKeyInvalid, match="expired"):
         authenticate(raw=other_raw)
 
+    # Another process's announcement (here: the counter moved, this process's entries kept)
+    # makes this one read the rows again.
+    from django.db import connection
+
+    from genai_site import config_cache
+
+    fourth, fourth_raw = _new_key(user)
+    assert authenticate(raw=fourth_raw) == fourth
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE governance_apikey SET revoked_at = now() WHERE id = %s", [fourth.pk])
+    config_cache._client().incr(config_cache._GENERATION_KEY)
+    with pytest.raises(ApiKeyInvalid, match="was revoked"):
+        authenticate(raw=fourth_raw)
+
     third, third_raw = _new_key(user_create(username="third"))
     assert authenticate(raw=third_raw) == third
     third.user.is_active = False
     third.user.save()
     with pytest.raises(ApiKeyInvalid, match="deactivated"):
         authenticate(raw=third_raw)
+
+
+def test_admission_refuses_a_key_whose_owner_was_deactivated_behind_the_cache() -> None:
+    # A bulk update of users announces nothing, so the key check may still pass from the
+    # cache; admission reads the key and its owner from the database on every request.
+    from asgiref.sync import async_to_sync
+    from django.contrib.auth.models import User
+
+    from governance.api_keys import api_key_authenticate_async
+
+    user = user_create()
+    _, raw = _new_key(user)
+    async_to_sync(api_key_authenticate_async)(raw=raw)
+    User.objects.filter(pk=user.pk).update(is_active=False)
+    cached = async_to_sync(api_key_authenticate_async)(raw=raw)
+    with pytest.raises(ApiKeyInvalid, match="deactivated"):
+        turn_admit(
+            user=cached.user,
+            api_key=cached,
+            input_tokens=10,
+            max_output_tokens=10,
+            target_type="job",
+            target_id="x",
+        )

@@ -1,6 +1,7 @@
 """Daily and monthly token and cost budgets against real PostgreSQL, under real concurrency."""
 
 import datetime as dt
+from collections.abc import Callable
 from decimal import Decimal
 from functools import partial
 
@@ -275,3 +276,29 @@ def test_releasing_several_reservations_gives_every_hold_back_once() -> None:
         assert usage.tokens_used == (
             110 if usage.user_id == users[1].pk or usage.group_id == first.pk else 0
         )
+
+
+def test_releasing_reservations_while_workers_settle_them_neither_deadlocks_nor_counts_twice() -> (
+    None
+):
+    # A settle locks its reservation, then the budget rows; releasing several locks them in
+    # the same order. Each reservation ends settled or released, once.
+    user = user_create()
+    UsageLimit.objects.create(user=user, tokens_per_day=1_000_000, tokens_per_month=10_000_000)
+    settled = 0
+    for _ in range(5):
+        held = [_admit(user, 100, 50) for _ in range(12)]
+        ids = [r.pk for r in held]
+        calls: list[Callable[[], object]] = [
+            partial(budget_release_all, reservation_ids=list(reversed(ids)))
+        ]
+        calls += [partial(_settle, pk, 100, 20) for pk in ids]
+        run_concurrently(calls, threads=len(calls))
+        statuses = list(
+            QuotaReservation.objects.filter(pk__in=ids).values_list("status", flat=True)
+        )
+        assert set(statuses) <= {"settled", "released"}
+        settled += statuses.count("settled")
+        for usage in BudgetUsage.objects.filter(user=user):
+            assert usage.tokens_reserved == 0
+            assert usage.tokens_used == 120 * settled
