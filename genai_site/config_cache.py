@@ -230,9 +230,9 @@ def _on_save_unless(ignored: frozenset[str]) -> Callable[..., None]:
 def config_models_watch(*models_: type[models.Model], ignoring: Iterable[str] = ()) -> None:
     """Announce every save and delete of these models (called from their apps' `ready`). A
     save of only `ignoring`'s fields (`save(update_fields=...)`) is not a change."""
-    on_save = _on_save_unless(frozenset(ignoring)) if ignoring else _on_write
+    on_save = _on_save_unless(frozenset(ignoring))
     for model in models_:
-        # Held strongly: `on_save` may be a closure that nothing else refers to.
+        # Held strongly: `on_save` is a closure that nothing else refers to.
         post_save.connect(
             on_save, sender=model, weak=False, dispatch_uid=f"config-cache-save-{model}"
         )
