@@ -2,9 +2,15 @@
 
 A heartbeat thread renews it, so long waits (loading a model, a queue for the engine) are
 covered too; when the process dies the key expires, and whoever reaps stale work can tell.
+
+A delivery that finds the lease taken waits for it up to one TTL and a beat. A redelivery of
+work whose worker died can come before that worker's lease has lapsed, and it must take the
+work over rather than drop it; a live holder renews the lease every quarter TTL, so it never
+lapses within that wait, and the duplicate gives up.
 """
 
 import threading
+import time
 
 from django.core.cache import cache
 
@@ -23,7 +29,13 @@ class HeartbeatLease:
 
     def __enter__(self) -> "HeartbeatLease":
         # add() only succeeds when no live worker holds the lease.
-        self.held = cache.add(self.key, 1, timeout=self.ttl)
+        deadline = time.monotonic() + self.ttl * 1.25
+        while not (held := cache.add(self.key, 1, timeout=self.ttl)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(self.ttl / 8, left))
+        self.held = held
         if self.held:
             self._thread.start()
         return self

@@ -116,6 +116,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # How often (seconds) a worker looks for unacknowledged tasks past the visibility timeout.
     "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", 10),
     "unacked_restore_throttle": 1,
+    # A restore pass holds a broker-wide lock; one left by a worker killed mid-pass blocks every
+    # other worker's restores for this many seconds.
+    "unacked_mutex_expire": env.int("CELERY_UNACKED_MUTEX_EXPIRE", 300),
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Run by the worker that the launcher starts with --beat (one beat per deployment).

@@ -6,8 +6,10 @@ import subprocess
 import time
 
 import pytest
+from django.core.cache import cache
+from django.db import transaction
 
-from chat.api.services import job_submit
+from chat.api.services import job_lease_key, job_submit
 from chat.models import Job
 from governance.models import ApiKey, AuditEvent, QuotaReservation
 from models_admin.models import Deployment
@@ -37,6 +39,8 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
         "CHAT_GENERATION_LEASE_SECONDS": "3",
         "CELERY_VISIBILITY_TIMEOUT": "8",
         "CELERY_UNACKED_RESTORE_INTERVAL": "1",
+        # A restore pass that a killed worker was in the middle of blocks others this long.
+        "CELERY_UNACKED_MUTEX_EXPIRE": "5",
     }
     first = _worker(env, "doomed", queue)
     second = None
@@ -63,7 +67,10 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
         second = _worker(env, "rescuer", queue)
         deadline = time.monotonic() + 240
         while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
-            assert time.monotonic() < deadline, "the redelivered job never finished"
+            assert time.monotonic() < deadline, (
+                f"the redelivered job never finished (run {job.run}); the rescuer's log ends:\n"
+                + (ARTIFACTS / "rescuer-worker.log").read_text(errors="replace")[-3000:]
+            )
             time.sleep(0.2)
     finally:
         if second is not None:
@@ -77,3 +84,23 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
     assert generated.count() == 1 and generated.get().details["run"] == 2
     reservation = QuotaReservation.objects.get(pk=job.reservation_id or 0)
     assert reservation.status == "settled"
+
+
+def test_a_redelivery_that_comes_before_the_dead_workers_lease_lapses_takes_the_job_over(
+    chat_model,
+) -> None:  # type: ignore[no-untyped-def]
+    raw = key_for("prog")
+    api_key = ApiKey.objects.get(prefix=raw.split("_")[1])
+    with transaction.atomic():
+        job = job_submit(
+            api_key=api_key,
+            body={"model": "chat-default", "messages": [{"role": "user", "content": "Hello"}]},
+        )
+        # As a worker killed a moment ago leaves it: its lease lives on for a few seconds.
+        # The task is sent at commit, after this.
+        cache.set(job_lease_key(job.public_id), 1, timeout=3)
+    deadline = time.monotonic() + 120
+    while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
+        assert time.monotonic() < deadline, f"the job was dropped (status {job.status})"
+        time.sleep(0.2)
+    assert job.status == "completed" and job.run == 1 and job.content
