@@ -31,6 +31,9 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, models, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from genai_site.redis_loop import redis_loop_client
 
@@ -50,9 +53,16 @@ _writer = threading.local()
 _pinned: ContextVar[int | None] = ContextVar("config_generation", default=None)
 
 
+# Without Redis, reads go to the database: at once, not after redis-py's default retries (three,
+# with backoff: about 8 s a read while Redis is away).
 @cache
 def _client() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 # A counter that goes missing (Redis restarted without persistence, the key evicted or flushed)
@@ -84,7 +94,9 @@ def _generation() -> int | None:
 async def _generation_async() -> int | None:
     if _owed.is_set():
         return await sync_to_async(_generation, thread_sensitive=False)()
-    client = redis_loop_client("config", socket_timeout=0.5, socket_connect_timeout=0.5)
+    client = redis_loop_client(
+        "config", socket_timeout=0.5, socket_connect_timeout=0.5, retry=AsyncRetry(NoBackoff(), 0)
+    )
     try:
         value: bytes | None = await client.get(_GENERATION_KEY)
     except redis.RedisError:

@@ -16,6 +16,8 @@ from typing import cast
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,9 @@ def _key(version_id: int) -> str:
 
 @cache
 def _client() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1.0)
+    # No retries: while Redis is away a call goes ahead at once (below), not after redis-py's
+    # default three retries with backoff (about 8 s).
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
 
 
 # Without Redis the breakers cannot be read: calls go ahead (closed), as they would without
