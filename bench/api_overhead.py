@@ -14,6 +14,11 @@ same server, with the same client), as a program would call an inference server 
 difference from it leaves out what any HTTP call costs (the client library, the server's
 parsing), which the in-process baseline counts as added.
 
+It also prints the CPU time each request costs, by process (the API's web process and worker,
+PostgreSQL, Redis, this client; the bare endpoint; the engine in this process), from the
+processes' own counters around each round. On a machine whose cores the engine fills, the
+platform's added latency follows the CPU its own code takes per request.
+
     python -m genai_site.launcher run -- python bench/api_overhead.py
 """
 
@@ -25,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +43,7 @@ import django  # noqa: E402
 django.setup()
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 
 from bench.machine import machine_describe  # noqa: E402
@@ -140,6 +147,10 @@ async def http_run(base: str, key: str | None, clients: int, total: int) -> list
     return latencies
 
 
+def http_rounds(base: str, key: str | None, clients: int, total: int) -> list[float]:
+    return asyncio.run(http_run(base, key, clients, total))
+
+
 def engine_run(engine, version, clients: int, total: int) -> list[float]:  # type: ignore[no-untyped-def]
     params = SamplingParams(max_tokens=1, temperature=0.0, top_p=version.top_p)
     prompts = [
@@ -185,6 +196,53 @@ def stages(clients: int) -> list[tuple[str, float, float]]:
         spans["worker"].append((finished - started) * 1000)
         spans["out"].append((received - finished) * 1000)
     return [(name, percentile(v, 0.5), percentile(v, 0.95)) for name, v in spans.items()]
+
+
+def _cpu_seconds(roles: dict[int, str]) -> Counter[str]:
+    """CPU seconds (user + system) used so far by every process, keyed by its role: those in
+    `roles` by pid, then PostgreSQL and Redis by name, the rest as "other"."""
+    used: Counter[str] = Counter()
+    for proc in psutil.process_iter(["pid", "name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        name = (proc.info["name"] or "").lower()
+        role = roles.get(proc.info["pid"]) or (
+            "postgres" if "postgres" in name else "redis" if "redis" in name else "other"
+        )
+        used[role] += times.user + times.system
+    return used
+
+
+class CpuMeter:
+    """CPU ms per request, by role, of each kind of round at each level."""
+
+    def __init__(self, roles: dict[int, str]) -> None:
+        self.roles = roles
+        self.used: dict[tuple[str, int], Counter[str]] = {}
+        self.requests: Counter[tuple[str, int]] = Counter()
+
+    def measure(self, kind: str, clients: int, requests: int, run, *args):  # type: ignore[no-untyped-def]
+        before = _cpu_seconds(self.roles)
+        result = run(*args)
+        after = _cpu_seconds(self.roles)
+        # A process that ended meanwhile takes its time with it; none of ours does.
+        self.used.setdefault((kind, clients), Counter()).update(
+            {role: after[role] - before.get(role, 0.0) for role in after}
+        )
+        self.requests[(kind, clients)] += requests
+        return result
+
+    def table(self, levels: list[int], kinds: list[str]) -> None:
+        roles = ["web", "worker", "bare endpoint", "postgres", "redis", "this process", "other"]
+        print("| clients | round | " + " | ".join(roles) + " | total |")
+        print("| ---: | --- |" + " ---: |" * (len(roles) + 1))
+        for clients in levels:
+            for kind in kinds:
+                used, n = self.used[(kind, clients)], self.requests[(kind, clients)]
+                cells = [used.get(role, 0.0) * 1000 / n for role in roles]
+                values = " | ".join(f"{v:.1f}" for v in (*cells, sum(cells)))
+                print(f"| {clients} | {kind} | {values} |")
 
 
 def _free_port() -> int:
@@ -251,6 +309,14 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
         procs.append(bare)
+        meter = CpuMeter(
+            {
+                worker.pid: "worker",
+                web.pid: "web",
+                bare.pid: "bare endpoint",
+                os.getpid(): "this process",
+            }
+        )
         engine = engine_get(
             directory=artifact_dir(version.artifact_path),
             sha256=version.sha256,
@@ -268,9 +334,15 @@ def main() -> None:
         for clients in LEVELS:
             total = REQUESTS.get(clients, 100)
             for share in _rounds(total, clients):
-                api[clients] += asyncio.run(http_run(base, key, clients, share))
-                direct[clients] += engine_run(engine, version, clients, share)
-                over_http[clients] += asyncio.run(http_run(bare_base, None, clients, share))
+                api[clients] += meter.measure(
+                    "API", clients, share, http_rounds, base, key, clients, share
+                )
+                direct[clients] += meter.measure(
+                    "engine in process", clients, share, engine_run, engine, version, clients, share
+                )
+                over_http[clients] += meter.measure(
+                    "bare endpoint", clients, share, http_rounds, bare_base, None, clients, share
+                )
     finally:
         for proc in procs:
             proc.terminate()
@@ -293,6 +365,10 @@ def main() -> None:
     _table(LEVELS, api, over_http)
     print()
     print("All figures in milliseconds. 'added' = API percentile minus baseline percentile.")
+    print()
+    print("CPU time per request (ms), by process, in each kind of round:")
+    print()
+    meter.table(LEVELS, ["API", "engine in process", "bare endpoint"])
     print(f"mean API latency at 1 client: {statistics.mean(api[LEVELS[0]]):.1f} ms")
     print()
     print(f"Where a request's time goes at {LEVELS[0]} client(s) (from the job rows' timestamps):")
