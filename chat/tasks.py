@@ -30,6 +30,14 @@ def purge_expired_data() -> dict[str, int]:
     }
 
 
+@shared_task(ignore_result=True)
+def requeue_stale_jobs() -> int:
+    """Celery beat: queue again the /v1 jobs whose worker died mid-run (lease lapsed)."""
+    from chat.api.generation import jobs_requeue_stale
+
+    return jobs_requeue_stale()
+
+
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generate_job(job_id: int, deployment_id: int | None = None, public_id: str = "") -> None:
     from chat.api.generation import job_generate

@@ -185,6 +185,14 @@ CHAT_STREAM_FLUSH_SECONDS = env.float("CHAT_STREAM_FLUSH_SECONDS", default=0.05)
 API_WAIT_SECONDS = env.float("API_WAIT_SECONDS", default=300)
 API_MAX_REQUEST_BYTES = env.int("API_MAX_REQUEST_BYTES", default=1_048_576)
 API_MAX_EMBEDDING_INPUTS = env.int("API_MAX_EMBEDDING_INPUTS", default=256)
+# How often Celery beat looks for jobs whose worker died mid-run (lease lapsed) to queue them
+# again. The check expires unrun after one interval, so checks do not pile up in the queue.
+API_JOB_REQUEUE_INTERVAL_SECONDS = env.float("API_JOB_REQUEUE_INTERVAL_SECONDS", default=30.0)
+CELERY_BEAT_SCHEDULE["requeue-stale-jobs"] = {
+    "task": "chat.tasks.requeue_stale_jobs",
+    "schedule": API_JOB_REQUEUE_INTERVAL_SECONDS,
+    "options": {"expires": API_JOB_REQUEUE_INTERVAL_SECONDS},
+}
 # The name the embedding model goes by in /v1/embeddings and /v1/models.
 EMBEDDING_MODEL_ID = env.str("EMBEDDING_MODEL_ID", default="all-MiniLM-L6-v2")
 EMBEDDING_DIMENSIONS = 384

@@ -2,9 +2,10 @@
 
 Jobs run in the same worker processes and the same engine as chat turns, so the engine batches
 them together. Like a turn, a job takes a heartbeat lease before it claims; unlike a turn, a
-job whose worker died is run again by the redelivered task (acks_late): a program waiting on
-it has no Retry button. Each claim bumps `run`, and only the run that claimed last may settle,
-so the job completes once.
+job whose worker died is run again: a program waiting on it has no Retry button. Celery beat
+queues it again once the dead worker's lease has lapsed (`jobs_requeue_stale`), and the broker
+would redeliver its task after the visibility timeout in any case (acks_late). Each claim bumps
+`run`, and only the run that claimed last may settle, so the job completes once.
 """
 
 import logging
@@ -18,7 +19,7 @@ from django.utils import timezone
 
 from chat.api.events import job_end_event, job_event_publish
 from chat.api.review import job_review_queue
-from chat.api.services import job_cancel_key, job_lease_key
+from chat.api.services import enqueue_job, job_cancel_key, job_lease_key
 from chat.leases import HeartbeatLease
 from chat.models import Job
 from chat.reply_cache import ReplyCache, job_cache_source, job_cache_withdraw
@@ -118,6 +119,53 @@ def job_generate(*, job_id: int, deployment_id: int | None = None, public_id: st
             return
         _generate(job, deployment_id)
     cache.delete(job_cancel_key(public_id))
+
+
+def jobs_requeue_stale() -> int:
+    """Queue again the jobs whose worker died while running them (their lease lapsed), rather
+    than leave them until the broker's visibility timeout hands their task to another worker.
+    The task it may still redeliver later finds the job taken or done and does nothing."""
+    running = dict(Job.objects.filter(status=Job.Status.RUNNING).values_list("public_id", "pk"))
+    live = cache.get_many([job_lease_key(public_id) for public_id in running])
+    requeued = 0
+    for public_id, pk in running.items():
+        if job_lease_key(public_id) in live:
+            continue
+        with transaction.atomic():
+            job = (
+                Job.objects.select_for_update(skip_locked=True)
+                .filter(pk=pk, status=Job.Status.RUNNING)
+                .first()
+            )
+            # Checked again holding the row: a worker that took the job since holds the lease.
+            if job is None or cache.get(job_lease_key(public_id)) is not None:
+                continue
+            deployment = Deployment.objects.filter(alias=job.model_alias).first()
+            if deployment is None:
+                _fail(job, "The worker stopped, and the model's deployment is gone.", "")
+                continue
+            job.status = Job.Status.QUEUED
+            job.save(update_fields=["status"])
+            audit_record(
+                actor=None,
+                action="job.requeued",
+                target_type="job",
+                target_id=public_id,
+                details={"run": job.run, "reason": "the worker running it stopped"},
+            )
+            if job.request.get("progress", True):
+                transaction.on_commit(
+                    partial(
+                        job_event_publish,
+                        public_id,
+                        {"type": "state", "status": "queued", "run": job.run},
+                    )
+                )
+            transaction.on_commit(partial(enqueue_job, job, deployment))
+            requeued += 1
+    if requeued:
+        logger.warning("Queued again %d job(s) whose worker stopped", requeued)
+    return requeued
 
 
 def _fail(job: Job, reason: str, code: str) -> None:

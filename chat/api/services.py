@@ -228,13 +228,13 @@ def job_submit(
             job.reservation = admission
         row_insert(job)
         if job.status == Job.Status.QUEUED:
-            transaction.on_commit(partial(_enqueue, job, deployment))
+            transaction.on_commit(partial(enqueue_job, job, deployment))
     if error is not None:
         raise error
     return job
 
 
-def _enqueue(job: Job, deployment: Deployment) -> None:
+def enqueue_job(job: Job, deployment: Deployment) -> None:
     from chat.tasks import generate_job
 
     generate_job.apply_async(args=(job.pk, deployment.pk, job.public_id), queue=deployment.queue)

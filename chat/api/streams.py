@@ -10,6 +10,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
+from chat.api.errors import ApiError, unavailable
 from chat.api.events import job_events_read, job_settled
 from chat.api.presenters import chunk_body, job_body, job_error, sse, usage_body
 from chat.api.services import job_cancel
@@ -86,10 +87,22 @@ async def completion_chunks(
     ended = False
     try:
         yield sse(chunk_body(job, {"role": "assistant", "content": ""}))
+        run, sent = None, False
         async with aclosing(job_progress(job)) as progress:
             async for event in progress:
                 if event["type"] == "delta":
+                    sent = True
                     yield sse(chunk_body(job, {"content": event["text"]}))
+                elif event["type"] == "state" and event.get("status") == "running":
+                    if sent and event.get("run") != run:
+                        # The worker died mid-answer and another runs the job from the start:
+                        # its text cannot follow what was sent. The job goes on; its result
+                        # is at /v1/jobs/{id}.
+                        ended = True
+                        yield sse(_restarted(job).body())
+                        yield sse("[DONE]")
+                        return
+                    run = event.get("run")
         ended = True
         final = await Job.objects.aget(pk=job.pk)
         if final.status == Job.Status.FAILED:
@@ -111,6 +124,13 @@ async def completion_chunks(
                 await sync_to_async(job_cancel)(api_key=api_key, public_id=job.public_id)
             except Exception:
                 logger.exception("Could not cancel job %s after its reader left", job.public_id)
+
+
+def _restarted(job: Job) -> ApiError:
+    return unavailable(
+        "The worker stopped in the middle of this answer. The job runs again from the start: "
+        f"its answer will be at /v1/jobs/{job.public_id}."
+    )
 
 
 async def job_event_stream(job: Job) -> AsyncIterator[str]:

@@ -9,6 +9,7 @@ import pytest
 from django.core.cache import cache
 from django.db import transaction
 
+from chat.api.generation import jobs_requeue_stale
 from chat.api.services import job_lease_key, job_submit
 from chat.models import Job
 from governance.models import ApiKey, AuditEvent, QuotaReservation
@@ -104,3 +105,57 @@ def test_a_redelivery_that_comes_before_the_dead_workers_lease_lapses_takes_the_
         assert time.monotonic() < deadline, f"the job was dropped (status {job.status})"
         time.sleep(0.2)
     assert job.status == "completed" and job.run == 1 and job.content
+
+
+def test_a_job_whose_worker_died_is_queued_again_by_the_sweep_and_completes_once(
+    chat_model, subprocess_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    queue = f"{TEST_QUEUE}-sweep"
+    Deployment.objects.update(queue=queue)
+    chat_model.max_output_tokens = 400
+    chat_model.save()
+    # The broker's visibility timeout stays at its default (900 s): only the sweep can bring
+    # this job back within the test.
+    first = _worker({**subprocess_env, "CHAT_GENERATION_LEASE_SECONDS": "3"}, "swept", queue)
+    try:
+        raw = key_for("prog")
+        job = job_submit(
+            api_key=ApiKey.objects.get(prefix=raw.split("_")[1]),
+            body={
+                "model": "chat-default",
+                "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+                "max_tokens": 400,
+            },
+        )
+        deadline = time.monotonic() + 60
+        while Job.objects.get(pk=job.pk).status != "running":
+            assert time.monotonic() < deadline, "the worker never started the job"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            _stop(first)
+
+    # Its lease outlives the worker by up to 3 s: until then the job is left alone.
+    assert jobs_requeue_stale() == 0
+    assert Job.objects.get(pk=job.pk).status == "running"
+
+    # Queued again on its deployment's queue, now served by the suite's worker.
+    Deployment.objects.update(queue=TEST_QUEUE)
+    deadline = time.monotonic() + 30
+    while not jobs_requeue_stale():
+        assert time.monotonic() < deadline, "the sweep never took the job"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 240
+    while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
+        assert time.monotonic() < deadline, f"the job queued again never finished (run {job.run})"
+        time.sleep(0.2)
+
+    assert job.status == "completed" and job.run == 2 and job.content
+    assert AuditEvent.objects.filter(action="job.requeued", target_id=job.public_id).count() == 1
+    generated = AuditEvent.objects.filter(action="job.generated", target_id=job.public_id)
+    assert generated.count() == 1 and generated.get().details["run"] == 2
+    assert QuotaReservation.objects.get(pk=job.reservation_id or 0).status == "settled"
+    assert jobs_requeue_stale() == 0
