@@ -9,10 +9,13 @@ work over rather than drop it; a live holder renews the lease every quarter TTL,
 lapses within that wait, and the duplicate gives up.
 """
 
+import logging
 import threading
 import time
 
 from django.core.cache import cache
+
+logger = logging.getLogger(__name__)
 
 
 class HeartbeatLease:
@@ -25,7 +28,13 @@ class HeartbeatLease:
 
     def _beat(self) -> None:
         while not self._done.wait(self.ttl / 4):
-            cache.set(self.key, 1, timeout=self.ttl)
+            try:
+                cache.set(self.key, 1, timeout=self.ttl)
+            except Exception:
+                # Redis away for a moment: the next beat sets the lease again. A lease that
+                # lapses meanwhile lets another delivery take the work; the claims see to it
+                # that the work still completes once.
+                logger.warning("Could not renew the lease %s; trying again", self.key)
 
     def __enter__(self) -> "HeartbeatLease":
         # add() only succeeds when no live worker holds the lease.

@@ -2,10 +2,14 @@
 
 import time
 import uuid
+from pathlib import Path
 
 from django.core.cache import cache
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chat.leases import HeartbeatLease
+from tests.redis_server import RedisServer
 
 
 def test_a_lease_left_by_a_dead_worker_is_taken_once_it_lapses() -> None:
@@ -29,3 +33,32 @@ def test_a_lease_renewed_by_a_live_worker_is_not_taken() -> None:
         # It waited out more than one TTL: a dead holder's lease would have lapsed by then.
         assert time.monotonic() - started >= 1.2
         assert cache.get(key) == 1
+
+
+def test_the_heartbeat_outlives_a_redis_outage_and_sets_the_lease_again(
+    tmp_path: Path, settings
+) -> None:  # type: ignore[no-untyped-def]
+    server = RedisServer(tmp_path)
+    server.start()
+    # The cache on a Redis of the test's own, without retries, so that beats fail at once.
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": server.url,
+            "OPTIONS": {"retry": Retry(NoBackoff(), 0), "socket_connect_timeout": 0.2},
+        }
+    }
+    key = f"tests:lease:{uuid.uuid4().hex}"
+    try:
+        with HeartbeatLease(key=key, ttl_seconds=1) as lease:
+            assert lease.held
+            server.stop()
+            time.sleep(1.0)  # several beats fail
+            server.start()  # empty: the lease is gone with the old server
+            deadline = time.monotonic() + 5
+            while cache.get(key) is None:
+                assert time.monotonic() < deadline, "the heartbeat stopped beating"
+                time.sleep(0.1)
+            assert lease._thread.is_alive()
+    finally:
+        server.stop()
