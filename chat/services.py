@@ -8,6 +8,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from chat import live
@@ -264,14 +265,24 @@ def turn_retry(*, user: User, message_id: int, ip: str | None = None) -> TurnOut
 
 def conversation_reap_stale_turns(*, conversation_id: int) -> int:
     """Mark answers whose worker vanished mid-generation (no lease heartbeat) as failed."""
+    return _reap(Message.objects.filter(conversation_id=conversation_id))
+
+
+def turns_reap_stale() -> int:
+    """The same for every conversation (Celery beat): a page left open shows the failed turn
+    and its Retry without being opened again."""
+    return _reap(Message.objects.all())
+
+
+def _reap(messages: QuerySet[Message]) -> int:
+    streaming = dict(messages.filter(status=Message.Status.STREAMING).values_list("pk", "attempt"))
+    live = cache.get_many([lease_key(pk) for pk in streaming])
     reaped = 0
-    for answer in Message.objects.filter(
-        conversation_id=conversation_id, status=Message.Status.STREAMING
-    ):
-        if cache.get(lease_key(answer.pk)) is None:
+    for message_id, attempt in streaming.items():
+        if lease_key(message_id) not in live:
             reaped += answer_fail(
-                message_id=answer.pk,
-                attempt=answer.attempt,
+                message_id=message_id,
+                attempt=attempt,
                 reason="The worker stopped in the middle of this answer.",
                 from_status=Message.Status.STREAMING,
             )

@@ -22,6 +22,14 @@ def requeue_stale_ingestions() -> int:
 
 
 @shared_task(ignore_result=True)
+def reap_stale_turns() -> int:
+    """Celery beat: fail the chat answers whose worker died mid-answer (lease lapsed)."""
+    from chat.services import turns_reap_stale
+
+    return turns_reap_stale()
+
+
+@shared_task(ignore_result=True)
 def purge_expired_data() -> dict[str, int]:
     """The retention purge (Celery beat): conversations, and knowledge base documents."""
     return {

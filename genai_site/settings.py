@@ -175,6 +175,14 @@ CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=8000)
 CHAT_DEFAULT_ALIAS = env.str("CHAT_DEFAULT_ALIAS", default="chat-default")
 # How long a generation may go without a heartbeat before its turn is marked failed.
 CHAT_GENERATION_LEASE_SECONDS = env.int("CHAT_GENERATION_LEASE_SECONDS", default=20)
+# How often Celery beat fails the answers whose worker died mid-answer (their lease lapsed), so
+# that a page left open shows Retry. The check expires unrun after one interval.
+CHAT_REAP_INTERVAL_SECONDS = env.float("CHAT_REAP_INTERVAL_SECONDS", default=30.0)
+CELERY_BEAT_SCHEDULE["reap-stale-turns"] = {
+    "task": "chat.tasks.reap_stale_turns",
+    "schedule": CHAT_REAP_INTERVAL_SECONDS,
+    "options": {"expires": CHAT_REAP_INTERVAL_SECONDS},
+}
 # How long a reviewer's claim on a review item lasts unless renewed.
 REVIEW_LEASE_SECONDS = env.int("REVIEW_LEASE_SECONDS", default=300)
 # Tokens are pushed to the page at most this often (seconds), in small batches.

@@ -71,23 +71,36 @@ def test_a_worker_killed_mid_answer_leaves_a_failed_turn_that_can_be_retried(
     conversation = conversation_create(user=user)
     client.login(username="bob", password=PASSWORD)
 
-    from chat.services import turn_retry, turn_submit
+    from chat.services import turn_retry, turn_submit, turns_reap_stale
 
     outcome = turn_submit(user=user, conversation_id=conversation.pk, text="Tell me a long story.")
-    assert outcome.answer is not None
+    # A second conversation, left open in no page: Celery beat's sweep reaps its turn.
+    other = turn_submit(
+        user=user, conversation_id=conversation_create(user=user).pk, text="Another story."
+    )
+    assert outcome.answer is not None and other.answer is not None
     deadline = time.monotonic() + 60
-    while Message.objects.get(pk=outcome.answer.pk).status != "streaming":
-        assert time.monotonic() < deadline, "the spare worker never started the answer"
+    while (
+        Message.objects.filter(
+            pk__in=[outcome.answer.pk, other.answer.pk], status="streaming"
+        ).count()
+        < 2
+    ):
+        assert time.monotonic() < deadline, "the spare worker never started both answers"
         time.sleep(0.1)
     time.sleep(1.0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert turns_reap_stale() == 0, "the leases outlive the worker by up to 3 s"
 
-    time.sleep(4)  # the spare worker's lease (3 s) runs out
+    time.sleep(4)  # the spare worker's leases (3 s) run out
     page = client.get(f"/chat/{conversation.pk}/").content.decode()
     answer = Message.objects.get(pk=outcome.answer.pk)
     assert answer.status == "failed" and "worker stopped" in answer.error
     assert "Retry" in page
+    assert Message.objects.get(pk=other.answer.pk).status == "streaming"
+    assert turns_reap_stale() == 1
+    assert Message.objects.get(pk=other.answer.pk).status == "failed"
     assert Message.objects.get(pk=outcome.question.pk).status == "sent"
     assert Message.objects.filter(conversation=conversation).count() == 2
     # The page's Retry sends the turn to a live worker, which answers it.
