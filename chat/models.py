@@ -114,6 +114,14 @@ class Message(models.Model):
                 name="assistant_message_answers_a_user_message",
             ),
         ]
+        # The reaper (Celery beat) looks for streaming answers: few rows among all messages.
+        indexes = [
+            models.Index(
+                fields=["status"],
+                condition=models.Q(status="streaming"),
+                name="chat_message_streaming",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.role} #{self.pk} ({self.status})"
@@ -367,7 +375,13 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["user", "-created_at"])]
+        indexes = [
+            models.Index(fields=["user", "-created_at"]),
+            # The sweep (Celery beat) looks for running jobs: few rows among all jobs.
+            models.Index(
+                fields=["status"], condition=models.Q(status="running"), name="chat_job_running"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.public_id
