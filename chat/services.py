@@ -275,7 +275,9 @@ def turns_reap_stale() -> int:
 
 
 def _reap(messages: QuerySet[Message]) -> int:
-    streaming = dict(messages.filter(status=Message.Status.STREAMING).values_list("pk", "attempt"))
+    streaming = dict(
+        messages.filter(status=Message.Status.STREAMING).order_by().values_list("pk", "attempt")
+    )
     live = cache.get_many([lease_key(pk) for pk in streaming])
     reaped = 0
     for message_id, attempt in streaming.items():

@@ -125,7 +125,9 @@ def jobs_requeue_stale() -> int:
     """Queue again the jobs whose worker died while running them (their lease lapsed), rather
     than leave them until the broker's visibility timeout hands their task to another worker.
     The task it may still redeliver later finds the job taken or done and does nothing."""
-    running = dict(Job.objects.filter(status=Job.Status.RUNNING).values_list("public_id", "pk"))
+    running = dict(
+        Job.objects.filter(status=Job.Status.RUNNING).order_by().values_list("public_id", "pk")
+    )
     live = cache.get_many([job_lease_key(public_id) for public_id in running])
     requeued = 0
     for public_id, pk in running.items():
