@@ -27,6 +27,27 @@ def _worker(env: dict[str, str], name: str, queue: str) -> subprocess.Popen:  # 
     return proc
 
 
+def _job_killed_mid_answer(worker: subprocess.Popen) -> Job:  # type: ignore[type-arg]
+    """A long job that `worker` starts, then is killed (SIGKILL) in the middle of."""
+    raw = key_for("prog")
+    job = job_submit(
+        api_key=ApiKey.objects.get(prefix=raw.split("_")[1]),
+        body={
+            "model": "chat-default",
+            "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+            "max_tokens": 400,
+        },
+    )
+    deadline = time.monotonic() + 60
+    while Job.objects.get(pk=job.pk).status != "running":
+        assert time.monotonic() < deadline, "the worker never started the job"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    return job
+
+
 def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
     chat_model, subprocess_env: dict[str, str]
 ) -> None:  # type: ignore[no-untyped-def]
@@ -46,23 +67,7 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
     first = _worker(env, "doomed", queue)
     second = None
     try:
-        raw = key_for("prog")
-        api_key = ApiKey.objects.get(prefix=raw.split("_")[1])
-        job = job_submit(
-            api_key=api_key,
-            body={
-                "model": "chat-default",
-                "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
-                "max_tokens": 400,
-            },
-        )
-        deadline = time.monotonic() + 60
-        while Job.objects.get(pk=job.pk).status != "running":
-            assert time.monotonic() < deadline, "the first worker never started the job"
-            time.sleep(0.1)
-        time.sleep(1.0)
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        job = _job_killed_mid_answer(first)
         assert Job.objects.get(pk=job.pk).status == "running"
 
         second = _worker(env, "rescuer", queue)
@@ -118,22 +123,7 @@ def test_a_job_whose_worker_died_is_queued_again_by_the_sweep_and_completes_once
     # this job back within the test.
     first = _worker({**subprocess_env, "CHAT_GENERATION_LEASE_SECONDS": "3"}, "swept", queue)
     try:
-        raw = key_for("prog")
-        job = job_submit(
-            api_key=ApiKey.objects.get(prefix=raw.split("_")[1]),
-            body={
-                "model": "chat-default",
-                "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
-                "max_tokens": 400,
-            },
-        )
-        deadline = time.monotonic() + 60
-        while Job.objects.get(pk=job.pk).status != "running":
-            assert time.monotonic() < deadline, "the worker never started the job"
-            time.sleep(0.1)
-        time.sleep(1.0)
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        job = _job_killed_mid_answer(first)
     finally:
         if first.poll() is None:
             _stop(first)
