@@ -142,7 +142,7 @@ def jobs_requeue_stale() -> int:
             # Checked again holding the row: a worker that took the job since holds the lease.
             if job is None or cache.get(job_lease_key(public_id)) is not None:
                 continue
-            deployment = Deployment.objects.filter(alias=job.model_alias).first()
+            deployment = deployment_for(deployment_id=None, alias=job.model_alias)
             if deployment is None:
                 _fail(job, "The worker stopped, and the model's deployment is gone.", "")
                 continue

@@ -7,7 +7,25 @@ import httpx
 import openai
 
 from governance.api_keys import api_key_create
+from governance.models import ApiKey
 from tests.factories import user_create
+
+
+def api_key_for(
+    username: str | None = None,
+    *,
+    scopes: tuple[str, ...] = ("chat", "embeddings", "models"),
+    requests_per_minute: int | None = None,
+) -> tuple[ApiKey, str]:
+    """A new user's API key: the row, and the secret a client sends."""
+    user = user_create(username=username)
+    return api_key_create(
+        user=user,
+        name="tests",
+        scopes=scopes,
+        requests_per_minute=requests_per_minute,
+        actor=user,
+    )
 
 
 def key_for(
@@ -16,15 +34,7 @@ def key_for(
     scopes: tuple[str, ...] = ("chat", "embeddings", "models"),
     requests_per_minute: int | None = None,
 ) -> str:
-    user = user_create(username=username)
-    _, raw = api_key_create(
-        user=user,
-        name="tests",
-        scopes=scopes,
-        requests_per_minute=requests_per_minute,
-        actor=user,
-    )
-    return raw
+    return api_key_for(username, scopes=scopes, requests_per_minute=requests_per_minute)[1]
 
 
 def sdk(server: str, raw_key: str) -> openai.OpenAI:

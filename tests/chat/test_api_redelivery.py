@@ -12,9 +12,9 @@ from django.db import transaction
 from chat.api.generation import jobs_requeue_stale
 from chat.api.services import job_lease_key, job_submit
 from chat.models import Job
-from governance.models import ApiKey, AuditEvent, QuotaReservation
+from governance.models import AuditEvent, QuotaReservation
 from models_admin.models import Deployment
-from tests.chat.api_helpers import key_for
+from tests.chat.api_helpers import api_key_for
 from tests.conftest import ARTIFACTS, TEST_QUEUE, _start_worker, _stop, _wait
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -29,9 +29,8 @@ def _worker(env: dict[str, str], name: str, queue: str) -> subprocess.Popen:  # 
 
 def _job_killed_mid_answer(worker: subprocess.Popen) -> Job:  # type: ignore[type-arg]
     """A long job that `worker` starts, then is killed (SIGKILL) in the middle of."""
-    raw = key_for("prog")
     job = job_submit(
-        api_key=ApiKey.objects.get(prefix=raw.split("_")[1]),
+        api_key=api_key_for("prog")[0],
         body={
             "model": "chat-default",
             "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
@@ -95,11 +94,9 @@ def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
 def test_a_redelivery_that_comes_before_the_dead_workers_lease_lapses_takes_the_job_over(
     chat_model,
 ) -> None:  # type: ignore[no-untyped-def]
-    raw = key_for("prog")
-    api_key = ApiKey.objects.get(prefix=raw.split("_")[1])
     with transaction.atomic():
         job = job_submit(
-            api_key=api_key,
+            api_key=api_key_for("prog")[0],
             body={"model": "chat-default", "messages": [{"role": "user", "content": "Hello"}]},
         )
         # As a worker killed a moment ago leaves it: its lease lives on for a few seconds.

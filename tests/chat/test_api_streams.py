@@ -13,8 +13,7 @@ from chat.api.events import job_event_publish
 from chat.api.services import job_cancel_key
 from chat.api.streams import completion_chunks, job_progress
 from chat.models import Job
-from governance.models import ApiKey
-from tests.chat.api_helpers import key_for
+from tests.chat.api_helpers import api_key_for
 from tests.factories import user_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,12 +43,8 @@ async def test_a_caller_waiting_on_a_job_that_reports_nothing_yet_holds_no_conne
     assert not await sync_to_async(_holds_a_connection)()
 
 
-def _key() -> ApiKey:
-    return ApiKey.objects.get(prefix=key_for().split("_")[1])
-
-
 async def _streamed(job: Job) -> list[object]:
-    api_key = await sync_to_async(_key)()
+    api_key, _ = await sync_to_async(api_key_for)()
     chunks = [chunk async for chunk in completion_chunks(job, api_key=api_key, include_usage=False)]
     data = [chunk.removeprefix("data: ").strip() for chunk in chunks]
     return [d if d == "[DONE]" else json.loads(d) for d in data]
