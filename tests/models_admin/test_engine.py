@@ -12,6 +12,8 @@ from models_admin.engine import (
     GenerationResult,
     InsufficientMemory,
     SamplingParams,
+    _Finish,
+    _Request,
 )
 from models_admin.store import artifact_dir
 
@@ -138,6 +140,47 @@ def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: Engin
     assert first is not None and first.finish_reason == "cancelled"
     third = results[2]
     assert third is not None and third.completion_tokens > 0 and third.queue_wait_s > 0.4
+
+
+def test_sequences_that_end_together_leave_without_their_caches_being_moved(
+    engine: Engine,
+) -> None:
+    # The engine is idle between tests: its batch is set up here by hand, on the real cache.
+    moves: list[tuple[int, int]] = []
+    runner = engine.runner
+    real_move = runner.slot_move
+
+    def counted(*, source: int, target: int, length: int) -> None:
+        moves.append((source, target))
+        real_move(source=source, target=target, length=length)
+
+    def sequence(produced: int) -> _Request:
+        request = _Request(prompt_ids=[1, 2], params=SamplingParams(), max_new=8, generator=None)
+        request.produced, request.length = produced, 2
+        return request
+
+    runner.slot_move = counted  # type: ignore[method-assign]
+    try:
+        both_ended = [sequence(-1), sequence(-1)]
+        engine._active = list(both_ended)
+        engine._retire()
+        assert (engine._active, moves) == ([], [])
+
+        ended, live = sequence(-1), sequence(3)
+        engine._active = [ended, live]
+        engine._retire()
+        assert (engine._active, moves) == ([live], [(1, 0)])
+
+        moves.clear()
+        cancelled = sequence(2)
+        cancelled.cancel.set()
+        engine._active = [live, cancelled]
+        engine._retire()
+        assert (engine._active, moves) == ([live], [])
+        assert cancelled.events.get_nowait() == _Finish("cancelled")
+    finally:
+        del runner.slot_move
+        engine._active = []
 
 
 def test_cancellation_stops_at_the_next_step(engine: Engine) -> None:
