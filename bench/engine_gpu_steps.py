@@ -146,6 +146,7 @@ def profile(
     # Time to first token at 32 streams of 512-token prompts, per chunk budget.
     for budget in budgets:
         engine.prefill_tokens = budget
+        engine.runner.warm_up(budget)  # captures the chunk shapes this budget allows
         run_streams(engine, long, 16)
         firsts: list[float] = []
         for _ in range(3):

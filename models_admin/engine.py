@@ -8,6 +8,7 @@ the next request. Detokenisation, stop strings and the caller's callbacks run on
 thread, so the decoding thread does nothing but model steps and sampling.
 """
 
+import gc
 import logging
 import os
 import queue
@@ -198,7 +199,12 @@ class Engine:
                 and os.environ.get("ENGINE_COMPILE") != "0",
                 compile_scope=os.environ.get("ENGINE_COMPILE_SCOPE", "layer"),
             )
-            self.runner.warm_up()
+            self.runner.warm_up(self.prefill_tokens)
+            if self.device.type == "cuda":
+                # Objects alive after the load are never garbage: left out of collections, a
+                # full collection no longer stalls the decoding thread for milliseconds.
+                gc.collect()
+                gc.freeze()
 
         # Prompt tokens per prefill forward: bounds the wait of those already decoding. On the
         # CPU a prefill is compute-bound and its time grows with the tokens in it, so prompts
@@ -402,9 +408,7 @@ class Engine:
             with self._wake:
                 while not self._waiting and not self._active:
                     self._wake.wait()
-                free = self.max_batch - len(self._active)
-                joining, self._waiting = self._waiting[:free], self._waiting[free:]
-                self.stats.waiting = len(self._waiting)
+            joining = self._take_waiting()
             self._in_flight.set(len(self._active) + len(joining) + len(self._waiting))
             try:
                 self._admit(joining)
@@ -428,33 +432,53 @@ class Engine:
         Each chunk's first tokens go out as soon as that chunk is done, and the next chunk is
         already queued on the device by then, so the device never waits for the host between
         chunks: with many prompts arriving at once, the median one gets its first token after
-        about half of all the prefill work, not after all of it.
+        about half of all the prefill work, not after all of it. Requests that arrive while
+        chunks are being prefilled join the next chunk (while slots are free) instead of
+        waiting for a decode step: a burst's first request is usually admitted alone, before
+        the rest have arrived.
         """
-        live: list[_Request] = []
-        for request in joining:
-            request.started_at = time.perf_counter()
-            if request.cancel.is_set():
-                request.events.put(_Finish("cancelled"))
-            else:
-                live.append(request)
-        chunks: list[list[_Request]] = []
-        chunk: list[_Request] = []
-        for request in live:
-            width = max([len(r.prompt_ids) for r in chunk] + [len(request.prompt_ids)])
-            if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
-                chunks.append(chunk)
-                chunk = []
-            chunk.append(request)
-        if chunk:
-            chunks.append(chunk)
+        live = self._started(joining)
         pending: tuple[list[_Request], StepResult] | None = None
-        for chunk in chunks:
+        while True:
+            if not live:
+                live = self._started(self._take_waiting())
+                if not live:
+                    break
+            # A chunk always takes its first prompt; the budget counts padded widths, so that
+            # every chunk within it has a prefill captured at warm-up.
+            chunk = [live.pop(0)]
+            longest = len(chunk[0].prompt_ids)
+            while live:
+                longest = max(longest, len(live[0].prompt_ids))
+                if self.runner.prefill_width(longest) * (len(chunk) + 1) > self.prefill_tokens:
+                    break
+                chunk.append(live.pop(0))
             launched = self._prefill(chunk)
             if pending is not None:
                 self._emit(*pending)
             pending = (chunk, launched) if launched is not None else None
         if pending is not None:
             self._emit(*pending)
+
+    def _take_waiting(self) -> list[_Request]:
+        """As many waiting requests as there are free slots."""
+        with self._wake:
+            free = self.max_batch - len(self._active)
+            taken, self._waiting = self._waiting[:free], self._waiting[free:]
+            self.stats.waiting = len(self._waiting)
+        return taken
+
+    @staticmethod
+    def _started(requests: list[_Request]) -> list[_Request]:
+        """Stamp the admission time; requests cancelled while waiting end here."""
+        live: list[_Request] = []
+        for request in requests:
+            request.started_at = time.perf_counter()
+            if request.cancel.is_set():
+                request.events.put(_Finish("cancelled"))
+            else:
+                live.append(request)
+        return live
 
     def _prefill(self, chunk: list[_Request]) -> "StepResult | None":
         """Queue one chunk's prefill; its sequences take the next slots. None if it failed."""

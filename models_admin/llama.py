@@ -499,11 +499,8 @@ class LlamaRunner:
         decode step masks everything past a sequence's own length and overwrites those
         positions first). Returns n rows; on a GPU nothing here waits for the device.
         """
-        t = max(len(p) for p in prompts)
+        t = self.prefill_width(max(len(p) for p in prompts))
         graphed = self.device.type == "cuda" and self.use_graphs
-        if graphed:
-            # Captured per (prompts, width): the width rounds up to PREFILL_WIDTH_STEP tokens.
-            t = min(-(-t // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP, self.max_len)
         ids = self._to_device([p + [0] * (t - len(p)) for p in prompts])
         rows = self._to_device(slots)
         # Index of each prompt's last token in the flattened [n * t] rows.
@@ -513,6 +510,16 @@ class LlamaRunner:
         logits = self.prefill_body(ids, rows, last)
         _tokens, picks = _greedy(logits)
         return self._result(logits, picks)
+
+    def prefill_width(self, longest: int) -> int:
+        """The width a prefill of prompts up to `longest` tokens runs at (padded on a GPU).
+
+        Prefills are captured per (prompts, width), the width rounded up to a multiple of
+        PREFILL_WIDTH_STEP tokens.
+        """
+        if self.device.type != "cuda" or not self.use_graphs:
+            return longest
+        return min(-(-longest // PREFILL_WIDTH_STEP) * PREFILL_WIDTH_STEP, self.max_len)
 
     def _prefill_graphed(
         self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor
@@ -772,9 +779,14 @@ class LlamaRunner:
         self._last_tokens = graph.tokens
         return self._result(graph.logits[:b], graph.picks[:, :b])
 
-    def warm_up(self) -> None:
+    def warm_up(self, prefill_tokens: int = 0) -> None:
         """Compile and capture ahead of the first request (prefill of 1 and of 2 prompts, the
         decode step of 1 and of 2 rows). If compilation fails, fall back to the plain forwards.
+
+        With `prefill_tokens` (the engine's chunk budget), the prefill of every chunk shape
+        within it is captured too: n prompts of width w (a multiple of PREFILL_WIDTH_STEP) for
+        n * w up to the budget. Chunks take whatever has arrived, so their shapes vary; a graph
+        captured while serving synchronises the device and costs the chunk tens of ms.
         """
         if self.device.type != "cuda":
             return
@@ -793,6 +805,14 @@ class LlamaRunner:
             self._prefill_graphs.clear()
             # Captures into a pool whose graphs were dropped trip the caching allocator.
             self.graph_pool = torch.cuda.graph_pool_handle()
+        if not self.use_graphs:
+            return
+        last_width = min(prefill_tokens, self.max_len) // PREFILL_WIDTH_STEP * PREFILL_WIDTH_STEP
+        for width in range(PREFILL_WIDTH_STEP, last_width + 1, PREFILL_WIDTH_STEP):
+            for n in range(1, min(prefill_tokens // width, self.max_batch) + 1):
+                if (n, width) not in self._prefill_graphs:
+                    self.prefill(slots=list(range(n)), prompts=[[1] * width] * n)
+        torch.cuda.synchronize()
 
     @torch.inference_mode()
     def slot_move(self, *, source: int, target: int, length: int) -> None:
