@@ -456,7 +456,15 @@ class Engine:
             launched = self._prefill(chunk)
             if pending is not None:
                 self._emit(*pending)
-            pending = (chunk, launched) if launched is not None else None
+                pending = None
+            if launched is None:
+                continue
+            if self.runner.asynchronous:
+                pending = (chunk, launched)
+            else:
+                # On the CPU the prefill has already run: holding its first tokens back until
+                # the next chunk is done would only delay them by that chunk's time.
+                self._emit(chunk, launched)
         if pending is not None:
             self._emit(*pending)
 
