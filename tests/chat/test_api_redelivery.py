@@ -47,13 +47,19 @@ def _job_killed_mid_answer(worker: subprocess.Popen) -> Job:  # type: ignore[typ
     return job
 
 
-def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
-    chat_model, subprocess_env: dict[str, str]
-) -> None:  # type: ignore[no-untyped-def]
-    queue = f"{TEST_QUEUE}-redelivery"
+def _long_answers_on_queue(chat_model, name: str) -> str:  # type: ignore[no-untyped-def]
+    """Deployments served from a queue of this test's own, with answers long enough to die in."""
+    queue = f"{TEST_QUEUE}-{name}"
     Deployment.objects.update(queue=queue)
     chat_model.max_output_tokens = 400
     chat_model.save()
+    return queue
+
+
+def test_a_job_whose_worker_is_killed_is_redelivered_and_completes_once(
+    chat_model, subprocess_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    queue = _long_answers_on_queue(chat_model, "redelivery")
     # Short leases and a short visibility timeout, so that the death shows within seconds.
     env = {
         **subprocess_env,
@@ -112,10 +118,7 @@ def test_a_redelivery_that_comes_before_the_dead_workers_lease_lapses_takes_the_
 def test_a_job_whose_worker_died_is_queued_again_by_the_sweep_and_completes_once(
     chat_model, subprocess_env: dict[str, str]
 ) -> None:  # type: ignore[no-untyped-def]
-    queue = f"{TEST_QUEUE}-sweep"
-    Deployment.objects.update(queue=queue)
-    chat_model.max_output_tokens = 400
-    chat_model.save()
+    queue = _long_answers_on_queue(chat_model, "sweep")
     # The broker's visibility timeout stays at its default (900 s): only the sweep can bring
     # this job back within the test.
     first = _worker({**subprocess_env, "CHAT_GENERATION_LEASE_SECONDS": "3"}, "swept", queue)
