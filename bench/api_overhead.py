@@ -47,6 +47,7 @@ import psutil  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 
 from bench.machine import machine_describe  # noqa: E402
+from genai_site.embedded import free_port  # noqa: E402
 from genai_site.launcher import web_command, worker_command  # noqa: E402
 from governance.api_keys import api_key_create  # noqa: E402
 from governance.models import UsageLimit  # noqa: E402
@@ -245,12 +246,6 @@ class CpuMeter:
                 print(f"| {clients} | {kind} | {values} |")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -276,7 +271,7 @@ def _table(
 def main() -> None:
     key = setup()
     version = Deployment.objects.get(alias=ALIAS).primary_version
-    port = _free_port()
+    port = free_port()
     worker_log = VAR / "bench-api-worker.log"
     worker = subprocess.Popen(
         [*worker_command(queues=QUEUE, concurrency=8), "-n", f"bench-api@{platform.node()}"],
@@ -298,9 +293,9 @@ def main() -> None:
     direct: dict[int, list[float]] = {c: [] for c in LEVELS}
     over_http: dict[int, list[float]] = {c: [] for c in LEVELS}
     try:
-        direct_port = _free_port()
+        direct_port = free_port()
         while direct_port == port:
-            direct_port = _free_port()
+            direct_port = free_port()
         bare = subprocess.Popen(
             [*web_command("127.0.0.1", direct_port)[:-1], "bench.direct_asgi:application"],
             cwd=BASE_DIR,

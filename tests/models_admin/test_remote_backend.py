@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from genai_site.embedded import free_port
 from models_admin.backends import Backend, Prompt, backend_for
 from models_admin.engine import EngineError, GenerationResult, SamplingParams
 from models_admin.models import ModelVersion
@@ -28,12 +29,6 @@ def _ask(version: ModelVersion, **kwargs: object) -> GenerationResult:
     backend = backend_for(version)
     prompt = Prompt(ids=backend.encode_chat(MESSAGES), messages=MESSAGES)
     return backend.generate(prompt, PARAMS, **kwargs)  # type: ignore[arg-type]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_an_answer_streams_from_a_real_openai_compatible_server(
@@ -84,7 +79,7 @@ def test_a_missing_or_wrong_api_secret_is_a_clear_error_that_is_not_retried(
 
 
 def test_an_unreachable_server_is_a_retryable_error(db: None) -> None:
-    version = remote_version_create(base_url=f"http://127.0.0.1:{_free_port()}/v1", version="down")
+    version = remote_version_create(base_url=f"http://127.0.0.1:{free_port()}/v1", version="down")
     with pytest.raises(EngineError, match="could not be reached") as down:
         _ask(version)
     assert down.value.retryable
