@@ -98,6 +98,53 @@ def test_a_request_joining_mid_flight_is_served_beside_the_running_one(engine: E
     assert results["long"].completion_tokens > 20
 
 
+def test_a_request_arriving_during_a_prefill_joins_that_admission_before_any_decode_step(
+    engine: Engine,
+) -> None:
+    # The first prompt's prefill is held until the second request is waiting: the second must
+    # be prefilled next, in the same admission, not after a decode step of the first.
+    runner = engine.runner
+    calls: list[tuple[int, int]] = []  # (decode steps so far, prompts) per prefill call
+    references = [
+        engine.generate(_prompt(engine, text), SamplingParams(max_tokens=6)).text
+        for text in PROMPTS[:2]
+    ]
+    real_prefill, real_blocks = runner.prefill, runner.prefill_blocks
+
+    def held(prompts: int) -> None:
+        calls.append((engine.stats.steps, prompts))
+        deadline = time.monotonic() + 30
+        while len(calls) == 1 and not engine._waiting and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def prefill(**kwargs):  # type: ignore[no-untyped-def]
+        held(len(kwargs["prompts"]))
+        return real_prefill(**kwargs)
+
+    def prefill_blocks(**kwargs):  # type: ignore[no-untyped-def]
+        held(1)
+        return real_blocks(**kwargs)
+
+    runner.prefill, runner.prefill_blocks = prefill, prefill_blocks  # type: ignore[method-assign]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(
+                engine.generate, _prompt(engine, PROMPTS[0]), SamplingParams(max_tokens=6)
+            )
+            deadline = time.monotonic() + 30
+            while not calls and time.monotonic() < deadline:
+                time.sleep(0.005)
+            second = pool.submit(
+                engine.generate, _prompt(engine, PROMPTS[1]), SamplingParams(max_tokens=6)
+            )
+            answers = [first.result(60).text, second.result(60).text]
+    finally:
+        del runner.prefill, runner.prefill_blocks
+    steps = calls[0][0]
+    assert calls == [(steps, 1), (steps, 1)]
+    assert answers == references
+
+
 def test_a_cancelled_sequence_frees_its_slot_for_a_waiting_request(engine: Engine) -> None:
     # Both slots busy with long answers; a third request waits until one is cancelled.
     stop_first, stop_second = threading.Event(), threading.Event()
