@@ -23,6 +23,7 @@ prefill attends with scaled-dot-product (flash) attention, decode steps with our
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -347,8 +348,9 @@ class LlamaRunner:
         self.final_norm = inner.norm.weight.detach().to(device, dtype)
         self.lm_head = lin(*joined(hf_model.lm_head))
 
-        # One position past the context window: decode padding rows write there, and no
-        # attention span ever covers the whole cache (see `scratch`).
+        # One position past the context window: decode padding rows sit there (the masked path
+        # writes their k and v there; the kernel writes nothing for them), and no attention
+        # span ever covers the whole cache (see `scratch`).
         self.scratch = max_len
         rotary = inner.rotary_emb
         inv_freq = rotary.inv_freq.detach().float().to(device)
@@ -368,11 +370,8 @@ class LlamaRunner:
         self.row_attention = device.type == "cpu"
         # On CUDA each row attends over its own span in our own kernel (`decode_attention`),
         # without a mask; SDPA over the batch's span with a mask where the kernel cannot run.
-        self.decode_kernel = device.type == "cuda" and _decode_kernel_fits(self.head_dim)
-        if self.decode_kernel:
-            from models_admin.decode_attention import decode_attention
-
-            self.attend = decode_attention
+        self.attend: Any = _decode_kernel(self.head_dim) if device.type == "cuda" else None
+        self.decode_kernel = self.attend is not None
         self._last_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
@@ -646,9 +645,12 @@ class LlamaRunner:
         """
         b = ids.shape[0]
         h = self.embed[ids]
-        cos = self.cos[pos].unsqueeze(1)
-        sin = self.sin[pos].unsqueeze(1)
-        rows = torch.arange(b, device=self.device)
+        # The kernel's path reads the rotary tables at each row's position itself.
+        cos = sin = rows = None
+        if not self.decode_kernel:
+            cos = self.cos[pos].unsqueeze(1)
+            sin = self.sin[pos].unsqueeze(1)
+            rows = torch.arange(b, device=self.device)
         mask = None
         if spans is None and not self.decode_kernel:
             # Slot i may only see its own first pos[i] + 1 cache entries. An additive mask made
@@ -683,9 +685,9 @@ class LlamaRunner:
         v_cache: torch.Tensor,
         h: torch.Tensor,
         delta: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        rows: torch.Tensor | None,
         pos: torch.Tensor,
         span: int,
         mask: torch.Tensor | None,
@@ -694,13 +696,16 @@ class LlamaRunner:
         """One layer of the decode step: (h, MLP output) for the next layer to add."""
         b = h.shape[0]
         h = h + delta
+        if self.decode_kernel:
+            # Rotary embedding, cache writes and attention in one call (`decode_attention`).
+            qkv = layer.qkv(self._norm(h, layer.attn_norm))
+            attn = self.attend(qkv, self.cos, self.sin, k_cache, v_cache, pos, span, self.n_heads)
+            h = h + layer.o(attn)
+            return h, self._mlp(layer, h)
+        assert cos is not None and sin is not None and rows is not None
         q, k, v = self._qkv(layer, h, cos, sin)
         k_cache[rows, :, pos] = k
         v_cache[rows, :, pos] = v
-        if self.decode_kernel:
-            attn = self.attend(q, k_cache[:b, :, :span], v_cache[:b, :, :span], pos)
-            h = h + layer.o(attn.reshape(b, -1))
-            return h, self._mlp(layer, h)
         # Grouped-query attention without expanding the cache: the query heads that share a KV
         # head take the place of the query length (one token each).
         q = q.view(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
@@ -822,15 +827,38 @@ class LlamaRunner:
             v[target, :, :length] = v[source, :, :length]
 
 
-def _decode_kernel_fits(head_dim: int) -> bool:
-    """Whether `decode_attention` serves this model here (Triton present, a power-of-2 head)."""
+def _decode_kernel(head_dim: int) -> Any:
+    """`decode_attention` where it serves this model here (Triton present, a power-of-2 head)."""
     if head_dim & (head_dim - 1) or head_dim < 16:
-        return False
+        return None
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from models_admin.decode_attention import decode_attention
+    except ImportError:  # no Triton
+        return None
+    return decode_attention
+
+
+def _captured(
+    pool: Any, forward: Callable[[], torch.Tensor], warm_runs: int
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`forward` run `warm_runs` times on a side stream, then captured with its greedy picks
+    into `pool`: (graph, logits, tokens, picks), the outputs as the graph's static tensors.
+
+    Greedy picks are in the graph but outside the compiled forward: the reductions over the
+    vocabulary are planned per batch size, which would recompile the forward.
+    """
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warm_runs):
+                _greedy(forward())
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = forward()
+            tokens, picks = _greedy(logits)
+    return graph, logits, tokens, picks
 
 
 class _PrefillGraph:
@@ -846,15 +874,9 @@ class _PrefillGraph:
     ):
         # The warm-up really runs: with these inputs it writes only the slots being filled.
         self.ids, self.rows, self.last = ids.clone(), rows.clone(), last.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _greedy(runner.prefill_body(self.ids, self.rows, self.last))
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            self.logits = runner.prefill_body(self.ids, self.rows, self.last)
-            _tokens, self.picks = _greedy(self.logits)
+        self.graph, self.logits, _tokens, self.picks = _captured(
+            runner.graph_pool, lambda: runner.prefill_body(self.ids, self.rows, self.last), 1
+        )
 
 
 class _DecodeGraph:
@@ -862,20 +884,10 @@ class _DecodeGraph:
 
     def __init__(self, runner: LlamaRunner, batch: int, span: int):
         device = runner.device
-        scratch = runner.scratch
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        # Capture writes the cache at the inputs' positions: point them at the scratch one.
-        self.pos = torch.full((batch,), scratch, dtype=torch.long, device=device)
-        with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    _greedy(runner.decode_body(self.ids, self.pos, span))
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-                # Greedy picks in the graph but outside the compiled body: the reductions over
-                # the vocabulary are planned per batch size, which would recompile the body.
-                self.logits = runner.decode_body(self.ids, self.pos, span)
-                self.tokens, self.picks = _greedy(self.logits)
+        # Capture runs the step at the inputs' positions: point them at the scratch one, past
+        # the span, which no sequence reaches.
+        self.pos = torch.full((batch,), runner.scratch, dtype=torch.long, device=device)
+        self.graph, self.logits, self.tokens, self.picks = _captured(
+            runner.graph_pool, lambda: runner.decode_body(self.ids, self.pos, span), 2
+        )
