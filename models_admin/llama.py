@@ -372,6 +372,11 @@ class LlamaRunner:
         # without a mask; SDPA over the batch's span with a mask where the kernel cannot run.
         self.attend: Any = _decode_kernel(self.head_dim) if device.type == "cuda" else None
         self.decode_kernel = self.attend is not None
+        # Steps of up to `gemv_rows` rows also run their matrix products in our own kernel
+        # (`decode_gemv`), with the norms, residual adds and silu x up fused in. One row:
+        # at 16 the kernel was no faster than cuBLAS (bench/decode_gemv.py).
+        self.gemv: Any = _decode_gemv(dtype) if self.decode_kernel else None
+        self.gemv_rows = 1
         self._last_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
@@ -644,6 +649,8 @@ class LlamaRunner:
         own cache entries; otherwise all rows attend at once over `span` entries, masked.
         """
         b = ids.shape[0]
+        if self.gemv is not None and b <= self.gemv_rows:
+            return self._decode_body_fused(ids, pos, span)
         h = self.embed[ids]
         # The kernel's path reads the rotary tables at each row's position itself.
         cos = sin = rows = None
@@ -677,6 +684,28 @@ class LlamaRunner:
                 spans,
             )
         return self.logits(h + delta)
+
+    def _decode_body_fused(self, ids: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """The decode step in our kernels alone: per layer, the qkv product (taking in the
+        previous MLP's output and the norm), attention, the o product with the residual add,
+        gate/up with the norm and silu x up, and down."""
+        gemv, eps = self.gemv, self.eps
+        h = self.embed[ids]
+        delta = None
+        for i, layer in enumerate(self.decode_layers):
+            added = torch.empty_like(h) if delta is not None else None
+            qkv = gemv(
+                h, *_dense(layer.qkv), norm=layer.attn_norm, eps=eps, delta=delta, added=added
+            )
+            h = added if added is not None else h
+            attn = self.attend(
+                qkv, self.cos, self.sin, self.k_cache[i], self.v_cache[i], pos, span, self.n_heads
+            )
+            h = gemv(attn, *_dense(layer.o), residual=h)
+            act = gemv(h, *_dense(layer.gate_up), norm=layer.mlp_norm, eps=eps, glu=True)
+            delta = gemv(act, *_dense(layer.down))
+        final = dict(norm=self.final_norm, eps=eps, delta=delta, added=torch.empty_like(h))
+        return gemv(h, *_dense(self.lm_head), **final, out_dtype=torch.float32)
 
     def _decode_layer(
         self,
@@ -786,7 +815,8 @@ class LlamaRunner:
 
     def warm_up(self, prefill_tokens: int = 0) -> None:
         """Compile and capture ahead of the first request (prefill of 1 and of 2 prompts, the
-        decode step of 1 and of 2 rows). If compilation fails, fall back to the plain forwards.
+        decode step of 1 and of 2 rows, and of `gemv_rows` + 1 where the steps of fewer rows
+        run in `decode_gemv`). If compilation fails, fall back to the plain forwards.
 
         With `prefill_tokens` (the engine's chunk budget), the prefill of every chunk shape
         within it is captured too: n prompts of width w (a multiple of PREFILL_WIDTH_STEP) for
@@ -796,9 +826,13 @@ class LlamaRunner:
         if self.device.type != "cuda":
             return
         prompt = list(range(1, 17))
+        # Steps of up to `gemv_rows` rows run no compiled code: one more row compiles the rest.
+        wider = [n for n in [self.gemv_rows + 1] if self.gemv and 2 < n <= self.max_batch]
         try:
             for n in (1, 2):
                 self.prefill(slots=list(range(n)), prompts=[prompt] * n).picks()
+                self.decode(token_ids=[1] * n, positions=[len(prompt)] * n).picks()
+            for n in wider:
                 self.decode(token_ids=[1] * n, positions=[len(prompt)] * n).picks()
         except Exception:
             if not self.compiled:
@@ -836,6 +870,24 @@ def _decode_kernel(head_dim: int) -> Any:
     except ImportError:  # no Triton
         return None
     return decode_attention
+
+
+def _dense(linear: _Linear | _Int4Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A product's weight and bias as tensors (CUDA decode steps: never packed, never int4)."""
+    assert isinstance(linear, _Linear) and linear.weight is not None
+    return linear.weight, linear.bias
+
+
+def _decode_gemv(dtype: torch.dtype) -> Any:
+    """`decode_gemv.gemv` where it serves here: Triton present, 16-bit activations (its
+    tensor-core products would round fp32 inputs to tf32)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    try:
+        from models_admin.decode_gemv import gemv
+    except ImportError:  # no Triton
+        return None
+    return gemv
 
 
 def _captured(
