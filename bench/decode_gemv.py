@@ -194,8 +194,9 @@ def main() -> None:
                         continue
                     us = graph_us(functools.partial(fused, config=config), ws)
                     timed.append((us, config))
-                us, config = min(timed)
-                best = f"{rate(us)} {tuple(config)}"
+                if timed:
+                    us, config = min(timed)
+                    best = f"{rate(us)} {tuple(config)}"
             n = ws[0].shape[0] // (2 if name == "gate_up" else 1)
             chosen = tuple(config_for(n, x.shape[1], rows, glu=name == "gate_up"))
             print(

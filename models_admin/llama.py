@@ -844,6 +844,8 @@ class LlamaRunner:
             self._prefill_graphs.clear()
             # Captures into a pool whose graphs were dropped trip the caching allocator.
             self.graph_pool = torch.cuda.graph_pool_handle()
+            # Our kernels have no fallback: if they were what failed, fail here, at load.
+            self.decode(token_ids=[1], positions=[len(prompt)]).picks()
         if not self.use_graphs:
             return
         last_width = min(prefill_tokens, self.max_len) // PREFILL_WIDTH_STEP * PREFILL_WIDTH_STEP
@@ -879,9 +881,10 @@ def _dense(linear: _Linear | _Int4Linear) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def _decode_gemv(dtype: torch.dtype) -> Any:
-    """`decode_gemv.gemv` where it serves here: Triton present, 16-bit activations (its
-    tensor-core products would round fp32 inputs to tf32)."""
-    if dtype not in (torch.bfloat16, torch.float16):
+    """`decode_gemv.gemv` where it serves here: Triton present, bf16 activations. (Its
+    tensor-core form rounds x times the norm's weight to the 16-bit type before the norm's
+    scale: fp16 could overflow there; fp32 inputs would be rounded to tf32.)"""
+    if dtype != torch.bfloat16:
         return None
     try:
         from models_admin.decode_gemv import gemv

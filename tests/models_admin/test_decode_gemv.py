@@ -28,10 +28,11 @@ def test_each_fused_product_equals_the_unfused_steps() -> None:
             (3, 40, 96, Config(16, 64, 4, 2)),
             (16, 48, 128, Config(32, 64, 4, 2)),
             (1, 40, 96, Config(8, 32, 4, 1, dot=False)),
+            (1, 40, 96, Config(8, 64, 4, 1, dot=False)),  # K not a multiple of the step
         ]:
             x, d = torch.randn(rows, k), torch.randn(rows, k)
             nw, b = torch.rand(k) + 0.5, torch.randn(n)
-            w, w2 = torch.randn(n, k), torch.randn(2 * n, k)
+            w, w2, b2 = torch.randn(n, k), torch.randn(2 * n, k), torch.randn(2 * n)
             r = torch.randn(rows, n)
             added = torch.full((rows, k), float("nan"))
             cases = [
@@ -44,6 +45,15 @@ def test_each_fused_product_equals_the_unfused_steps() -> None:
                     norm(x + d, nw) @ w.T,
                 ),
                 (added, x + d),
+                (
+                    gemv(x, w, b, norm=nw, eps=1e-5, residual=r, config=config),
+                    r + F.linear(norm(x, nw), w, b),
+                ),
+                (
+                    gemv(x, w2, b2, norm=nw, eps=1e-5, glu=True, config=config),
+                    F.silu(F.linear(norm(x, nw), w2[:n], b2[:n]))
+                    * F.linear(norm(x, nw), w2[n:], b2[n:]),
+                ),
                 (
                     gemv(x, w2, norm=nw, eps=1e-5, glu=True, config=config),
                     F.silu(norm(x, nw) @ w2[:n].T) * (norm(x, nw) @ w2[n:].T),
@@ -86,12 +96,17 @@ def test_a_decode_step_in_the_fused_kernels_equals_the_step_around_cublas() -> N
         config = LlamaConfig(
             vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-            max_position_embeddings=256,
+            max_position_embeddings=256, attention_bias=True, mlp_bias=True,
         )
         config.architectures = ["LlamaForCausalLM"]
         torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # biases are made zero: give them values
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0, 0.5)
         runner = LlamaRunner(
-            AutoModelForCausalLM.from_config(config), device=torch.device("cpu"),
+            model, device=torch.device("cpu"),
             dtype=torch.float32, max_batch=4, max_len=128, cpu_weights="fp32",
         )
         runner.decode_kernel, runner.attend = True, decode_attention
