@@ -95,38 +95,14 @@ def test_each_row_writes_its_token_and_attends_over_exactly_its_own_span() -> No
 def test_a_decode_step_with_the_kernel_equals_the_masked_attention_step() -> None:
     out = _interpret(
         """
-        import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig
         from models_admin.decode_attention import decode_attention
-        from models_admin.llama import LlamaRunner
+        from tests.models_admin.runner_steps import small_runner, two_steps
 
-        config = LlamaConfig(
-            vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-            max_position_embeddings=256,
-        )
-        config.architectures = ["LlamaForCausalLM"]
-        torch.manual_seed(0)
-        runner = LlamaRunner(
-            AutoModelForCausalLM.from_config(config), device=torch.device("cpu"),
-            dtype=torch.float32, max_batch=4, max_len=128, cpu_weights="fp32",
-        )
+        runner = small_runner()
         runner.row_attention = False  # all rows at once over the batch's span, masked
-        prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
-        positions = [len(p) for p in prompts]
-
-        def two_steps():
-            # From empty caches: the second step reads what the first one wrote.
-            for cache in runner.k_cache + runner.v_cache:
-                cache.zero_()
-            runner.prefill(slots=[0, 1, 2], prompts=prompts)
-            first = runner.decode(token_ids=[5, 6, 7], positions=positions).logits.clone()
-            later = [p + 1 for p in positions]
-            return torch.cat([first, runner.decode(token_ids=[8, 9, 10], positions=later).logits])
-
-        masked = two_steps()
+        masked = two_steps(runner)
         runner.decode_kernel, runner.attend = True, decode_attention
-        ours = two_steps()
+        ours = two_steps(runner)
         print(float((ours - masked).abs().max()), float(masked.abs().max()))
         """
     )

@@ -85,43 +85,16 @@ def test_each_fused_product_equals_the_unfused_steps() -> None:
 
 
 def test_a_decode_step_in_the_fused_kernels_equals_the_step_around_cublas() -> None:
+    # A model with biases (as Qwen2's qkv): each product's bias after the norm's scale.
     out = _interpret(
         """
-        import torch
-        from transformers import AutoModelForCausalLM, LlamaConfig
         from models_admin.decode_attention import decode_attention
         from models_admin.decode_gemv import gemv
-        from models_admin.llama import LlamaRunner
+        from tests.models_admin.runner_steps import PROMPTS, small_runner, two_steps
 
-        config = LlamaConfig(
-            vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-            max_position_embeddings=256, attention_bias=True, mlp_bias=True,
-        )
-        config.architectures = ["LlamaForCausalLM"]
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # biases are made zero: give them values
-            for name, param in model.named_parameters():
-                if name.endswith(".bias"):
-                    param.normal_(0, 0.5)
-        runner = LlamaRunner(
-            model, device=torch.device("cpu"),
-            dtype=torch.float32, max_batch=4, max_len=128, cpu_weights="fp32",
-        )
+        runner = small_runner(biases=True)
         runner.decode_kernel, runner.attend = True, decode_attention
-        prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
-        positions = [len(p) for p in prompts]
-
-        def two_steps():
-            for cache in runner.k_cache + runner.v_cache:
-                cache.zero_()
-            runner.prefill(slots=[0, 1, 2], prompts=prompts)
-            first = runner.decode(token_ids=[5, 6, 7], positions=positions).logits.clone()
-            later = [p + 1 for p in positions]
-            return torch.cat([first, runner.decode(token_ids=[8, 9, 10], positions=later).logits])
-
-        unfused = two_steps()
+        unfused = two_steps(runner)
         calls = []
 
         def counted(*args, **kwargs):
@@ -130,27 +103,19 @@ def test_a_decode_step_in_the_fused_kernels_equals_the_step_around_cublas() -> N
 
         runner.gemv = counted
         runner.gemv_rows = 4  # three rows: the tensor-core form
-        fused = two_steps()
+        fused = two_steps(runner)
         fused_calls = len(calls)
         runner.gemv_rows = 2  # three rows: the step around the library's products again
-        again = two_steps()
+        again = two_steps(runner)
         print(float((fused - unfused).abs().max()), float(unfused.abs().max()))
         print(float((again - unfused).abs().max()), fused_calls, len(calls))
 
         # One row (the elementwise form), as a single stream decodes.
-        prompts, positions = prompts[:1], positions[:1]
-
-        def one_row():
-            for cache in runner.k_cache + runner.v_cache:
-                cache.zero_()
-            runner.prefill(slots=[0], prompts=prompts)
-            first = runner.decode(token_ids=[5], positions=positions).logits.clone()
-            return torch.cat([first, runner.decode(token_ids=[8], positions=[6]).logits])
-
         runner.gemv = None
-        unfused = one_row()
+        unfused = two_steps(runner, PROMPTS[:1])
         runner.gemv, runner.gemv_rows = counted, 1
-        print(float((one_row() - unfused).abs().max()), float(unfused.abs().max()), len(calls))
+        one_row = two_steps(runner, PROMPTS[:1])
+        print(float((one_row - unfused).abs().max()), float(unfused.abs().max()), len(calls))
         """
     )
     first, second, third = out.strip().splitlines()
