@@ -44,9 +44,8 @@ class Config(NamedTuple):
 # From sweeps on an H200 and an H100 (bench/decode_gemv.py --sweep) over the benchmark 1B
 # model's products. One row: the elementwise form, 4 output columns a program (16 for a wide
 # output such as the lm_head), 1024 of K a step; gate/up, which reads two strips, in the
-# tensor-core form. More rows take the
-# tensor-core form (at 16 rows it was no faster than cuBLAS: the runner sends only one-row
-# steps here, `LlamaRunner.gemv_rows`).
+# tensor-core form. More rows take the tensor-core form (at 16 rows it was no faster than
+# cuBLAS: the runner sends only one-row steps here, `LlamaRunner.gemv_rows`).
 def config_for(n: int, k: int, rows: int, glu: bool = False) -> Config:
     if rows > 1 or glu:
         return Config(block_n=32, block_k=256, warps=4, stages=3)
