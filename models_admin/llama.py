@@ -374,7 +374,8 @@ class LlamaRunner:
         self.decode_kernel = self.attend is not None
         # Steps of up to `gemv_rows` rows also run their matrix products in our own kernel
         # (`decode_gemv`), with the norms, residual adds and silu x up fused in. One row:
-        # at 16 the kernel was no faster than cuBLAS (bench/decode_gemv.py).
+        # at 16 the kernel was no faster than cuBLAS (bench/decode_gemv.py). (A one-row step
+        # compiles nothing; `warm_up`'s two-row step compiles the layer for the larger ones.)
         self.gemv: Any = _decode_gemv(dtype) if self.decode_kernel else None
         self.gemv_rows = 1
         self._last_tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -815,8 +816,7 @@ class LlamaRunner:
 
     def warm_up(self, prefill_tokens: int = 0) -> None:
         """Compile and capture ahead of the first request (prefill of 1 and of 2 prompts, the
-        decode step of 1 and of 2 rows, and of `gemv_rows` + 1 where the steps of fewer rows
-        run in `decode_gemv`). If compilation fails, fall back to the plain forwards.
+        decode step of 1 and of 2 rows). If compilation fails, fall back to the plain forwards.
 
         With `prefill_tokens` (the engine's chunk budget), the prefill of every chunk shape
         within it is captured too: n prompts of width w (a multiple of PREFILL_WIDTH_STEP) for
@@ -826,13 +826,9 @@ class LlamaRunner:
         if self.device.type != "cuda":
             return
         prompt = list(range(1, 17))
-        # Steps of up to `gemv_rows` rows run no compiled code: one more row compiles the rest.
-        wider = [n for n in [self.gemv_rows + 1] if self.gemv and 2 < n <= self.max_batch]
         try:
             for n in (1, 2):
                 self.prefill(slots=list(range(n)), prompts=[prompt] * n).picks()
-                self.decode(token_ids=[1] * n, positions=[len(prompt)] * n).picks()
-            for n in wider:
                 self.decode(token_ids=[1] * n, positions=[len(prompt)] * n).picks()
         except Exception:
             if not self.compiled:
