@@ -19,12 +19,29 @@ torch.compile leaves it out (a graph break), and the split depends only on the s
 captured graph replays it as it was captured.
 """
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_N = 64  # keys per inner step
 _PROGRAMS = 2  # aim for this many programs per multiprocessor
+
+
+@functools.cache
+def dependent_launch(device: torch.device) -> bool:
+    """Whether our decode kernels launch on `device` while the kernel before them still runs
+    (programmatic dependent launch: compute capability 9.0 and later; never in Triton's
+    interpreter). Each such kernel waits for the one before it ahead of reading its outputs,
+    so the overlap hides the gap between kernels and the last programs' tail.
+    `ENGINE_DEPENDENT_LAUNCH=0` turns it off (for comparisons)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("ENGINE_DEPENDENT_LAUNCH", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -57,7 +74,13 @@ def _split_kernel(
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
     SINGLE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # Launched early (see `dependent_launch`): the next kernel may launch once every
+        # program here has started; the qkv rows come from the kernel before.
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in a large cache
     kv_head = tl.program_id(1)
     kv_heads = tl.num_programs(1)
@@ -156,7 +179,11 @@ def _combine_kernel(
     n_splits,
     SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS)
@@ -221,6 +248,8 @@ def decode_attention(
     shape = (rows, heads, splits)
     part = qkv.new_empty((*shape, head_dim) if not single else (1,), dtype=torch.float32)
     stats = qkv.new_empty((*shape, 2) if not single else (1,), dtype=torch.float32)
+    pdl = dependent_launch(qkv.device)
+    launch = {"launch_pdl": True} if pdl else {}
     _split_kernel[(rows, kv_heads, splits)](
         qkv,
         cos,
@@ -250,6 +279,8 @@ def decode_attention(
         BLOCK=BLOCK_N,
         CHUNK=chunk,
         SINGLE=single,
+        PDL=pdl,
+        **launch,
     )
     if not single:
         _combine_kernel[(rows, heads)](
@@ -262,5 +293,7 @@ def decode_attention(
             splits,
             SPLITS=triton.next_power_of_2(splits),
             HEAD_DIM=head_dim,
+            PDL=pdl,
+            **launch,
         )
     return out

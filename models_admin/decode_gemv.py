@@ -19,6 +19,16 @@ program reads its input and its weights in a single pass (the results differ fro
 step's in the last bits). A layer's decode step is then four of these plus attention, instead
 of about ten kernels.
 
+For one row, two things make the reads run near the bandwidth (on an H100, a one-row step of
+the 1B benchmark model went from 1.236 to 0.988 ms; bench/results/engine_gpu-h100.md):
+
+- each program's products and squares are kept per position of the step and summed once,
+  after the last step; a sum across the program's threads in every step held up the loads
+  (down, 8192 deep: 20.5 -> 13.1 us);
+- on compute capability 9.0 and later, each kernel is launched while the one before it still
+  runs (programmatic dependent launch, `decode_attention.dependent_launch`), reads its first
+  strip of weights, and only then waits for the kernel before to finish and reads its input.
+
 Left out of torch.compile (a graph break where it is called): the decode step that uses it is
 captured as a CUDA graph and replayed, so there is nothing left for the compiler to fuse.
 """
@@ -28,6 +38,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from models_admin.decode_attention import dependent_launch
 
 # At most this many rows: tl.dot takes 16 rows at least, padded with masked rows.
 ROWS = 16
@@ -42,12 +54,11 @@ class Config(NamedTuple):
 
 
 # From sweeps on an H200 and an H100 (bench/decode_gemv.py --sweep) over the benchmark 1B
-# model's products. One row: the elementwise form, 4 output columns a program (16 for a wide
-# output such as the lm_head), 1024 of K a step; gate/up, which reads two strips, in the
-# tensor-core form. More rows take the tensor-core form (at 16 rows it was no faster than
-# cuBLAS: the runner sends only one-row steps here, `LlamaRunner.gemv_rows`).
+# model's products. One row: the elementwise form, 2 output columns a program (4 for a wide
+# output such as the lm_head), 1024 of K a step. More rows take the tensor-core form (at 16 rows
+# it was no faster than cuBLAS: the runner sends only one-row steps here, `LlamaRunner.gemv_rows`).
 def config_for(n: int, k: int, rows: int, glu: bool = False) -> Config:
-    if rows > 1 or glu:
+    if rows > 1:
         return Config(block_n=32, block_k=256, warps=4, stages=3)
     # The largest power-of-2 step up to 1024 that divides K (masked loads of a partial step
     # are not vectorised); K with none of 256 or more takes one masked step.
@@ -56,9 +67,77 @@ def config_for(n: int, k: int, rows: int, glu: bool = False) -> Config:
         block_k //= 2
     if k % block_k:
         block_k = min(1024, triton.next_power_of_2(k))
-    if n >= 16384:  # the lm_head
-        return Config(block_n=16, block_k=block_k, warps=4, stages=1, dot=False)
-    return Config(block_n=4, block_k=block_k, warps=4, stages=2 if k > 4096 else 1, dot=False)
+    block_n = 4 if n >= 16384 else 2  # the lm_head: 4
+    return Config(block_n=block_n, block_k=block_k, warps=4, stages=2, dot=False)
+
+
+@triton.jit
+def _weights(w_rows, at, w_mask, n, K: tl.constexpr, GLU: tl.constexpr):
+    """One step's strip of the weight (and of the up half, rows n..2n, for the joined gate/up)."""
+    w = tl.load(w_rows + at[None, :], mask=w_mask, other=0.0)
+    up = w
+    if GLU:
+        up = tl.load(w_rows + n * K + at[None, :], mask=w_mask, other=0.0)
+    return w, up
+
+
+@triton.jit
+def _masks(at, live, in_n, K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The loads' masks for x's rows and the weight's strip at `at`."""
+    x_mask = live[:, None]
+    w_mask = in_n[:, None]
+    if not EVEN_K:
+        x_mask = x_mask & (at < K)[None, :]
+        w_mask = w_mask & (at < K)[None, :]
+    return x_mask, w_mask
+
+
+@triton.jit
+def _step(
+    acc,
+    acc_up,
+    squares,
+    w,
+    up,
+    at,
+    x_mask,
+    x_rows,
+    d_rows,
+    h_rows,
+    norm_ptr,
+    write_h,
+    K: tl.constexpr,
+    ADD: tl.constexpr,
+    NORM: tl.constexpr,
+    GLU: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One step over K: the product of x (times the norm's weight) with the weight's strip, and
+    x's squares beside it. The elementwise form keeps its products and squares per position of
+    the step ([rows, N, BLOCK_K] and [rows, BLOCK_K]) and sums them once, after the last step:
+    a sum across the program's threads in every step would hold up the loads."""
+    dtype = w.dtype
+    x = tl.load(x_rows + at[None, :], mask=x_mask, other=0.0).to(tl.float32)
+    if ADD:
+        d = tl.load(d_rows + at[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        x = (x + d).to(dtype).to(tl.float32)
+        tl.store(h_rows + at[None, :], x.to(h_rows.dtype.element_ty), mask=x_mask & write_h)
+    if NORM:
+        if DOT:
+            squares += tl.sum(x * x, 1)
+        else:
+            squares += x * x
+        x = x * tl.load(norm_ptr + at, mask=at < K, other=0.0).to(tl.float32)[None, :]
+    if DOT:
+        x16 = x.to(dtype)
+        acc = tl.dot(x16, tl.trans(w), acc)
+        if GLU:
+            acc_up = tl.dot(x16, tl.trans(up), acc_up)
+    else:
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        if GLU:
+            acc_up += x[:, None, :] * up.to(tl.float32)[None, :, :]
+    return acc, acc_up, squares
 
 
 @triton.jit
@@ -87,6 +166,7 @@ def _gemv_kernel(
     RESIDUAL: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -100,45 +180,50 @@ def _gemv_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + m[:, None] * stride_x
     d_rows = d_ptr + m[:, None] * stride_d
+    h_rows = h_ptr + m[:, None] * stride_h
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * K
 
-    # One pass over K: the product of x (times the norm's weight) with W, and the sum of x's
-    # squares beside it; the norm's scale, one number a row, multiplies the sums at the end.
+    # One pass over K; the norm's scale, one number a row, multiplies the sums at the end.
     # (Unfused, x times its scale was rounded before the weight multiplied it: the results
     # differ in the last bits.) The first program also writes the residual stream x + d.
-    squares = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * K
-    for start in range(0, K, BLOCK_K):
-        at = start + ks
-        if EVEN_K:
-            x_mask = live[:, None]
-            w_mask = in_n[:, None]
-        else:
-            x_mask = live[:, None] & (at < K)[None, :]
-            w_mask = in_n[:, None] & (at < K)[None, :]
-        w = tl.load(w_rows + at[None, :], mask=w_mask, other=0.0)
+    if DOT:
+        squares = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    else:
+        squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if GLU:
-            # The joined weight's second half (rows n..2n) is the up projection.
-            up = tl.load(w_rows + n * K + at[None, :], mask=w_mask, other=0.0)
-        x = tl.load(x_rows + at[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        if ADD:
-            d = tl.load(d_rows + at[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            x = (x + d).to(dtype).to(tl.float32)
-            h_at = h_ptr + m[:, None] * stride_h + at[None, :]
-            tl.store(h_at, x.to(h_ptr.dtype.element_ty), mask=x_mask & (pid == 0))
-        if NORM:
-            squares += tl.sum(x * x, 1)
-            x = x * tl.load(norm_ptr + at, mask=at < K, other=0.0).to(tl.float32)[None, :]
-        if DOT:
-            x16 = x.to(dtype)
-            acc = tl.dot(x16, tl.trans(w), acc)
-            if GLU:
-                acc_up = tl.dot(x16, tl.trans(up), acc_up)
-        else:
-            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-            if GLU:
-                acc_up += tl.sum(x[:, None, :] * up.to(tl.float32)[None, :, :], 2)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    x_mask, w_mask = _masks(ks, live, in_n, K, EVEN_K)
+    if PDL:
+        # Launched while the kernel before it runs (programmatic dependent launch): the next
+        # kernel may start as soon as every program here has. Weights are never written during
+        # a step, so the first step's strip is read before waiting for the kernel before,
+        # whose outputs (x, d, the residual) are read only after.
+        tl.extra.cuda.gdc_launch_dependents()
+    w, up = _weights(w_rows, ks, w_mask, n, K, GLU)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    write_h = pid == 0
+    acc, acc_up, squares = _step(
+        acc, acc_up, squares, w, up, ks, x_mask, x_rows, d_rows, h_rows, norm_ptr, write_h,
+        K, ADD, NORM, GLU, DOT,
+    )  # fmt: skip
+    for start in range(BLOCK_K, K, BLOCK_K):
+        at = start + ks
+        x_mask, w_mask = _masks(at, live, in_n, K, EVEN_K)
+        w, up = _weights(w_rows, at, w_mask, n, K, GLU)
+        acc, acc_up, squares = _step(
+            acc, acc_up, squares, w, up, at, x_mask, x_rows, d_rows, h_rows, norm_ptr, write_h,
+            K, ADD, NORM, GLU, DOT,
+        )  # fmt: skip
+    if not DOT:
+        squares = tl.sum(squares, 1)
+        acc = tl.sum(acc, 2)
+        if GLU:
+            acc_up = tl.sum(acc_up, 2)
     if NORM:
         scale = tl.rsqrt(squares / K + eps)[:, None]
         acc *= scale
@@ -205,6 +290,7 @@ def gemv(
     chosen = config or config_for(out_rows, k, rows, glu)
     assert chosen.dot or rows == 1
     y = x.new_empty((rows, out_rows), dtype=out_dtype or x.dtype)
+    pdl = dependent_launch(x.device)
     _gemv_kernel[(triton.cdiv(out_rows, chosen.block_n),)](
         x,
         delta if delta is not None else x,
@@ -230,10 +316,12 @@ def gemv(
         RESIDUAL=residual is not None,
         EVEN_K=k % chosen.block_k == 0,
         DOT=chosen.dot,
+        PDL=pdl,
         BLOCK_M=ROWS if chosen.dot else 1,
         BLOCK_N=chosen.block_n,
         BLOCK_K=chosen.block_k,
         num_warps=chosen.warps,
         num_stages=chosen.stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y
