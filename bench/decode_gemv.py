@@ -1,7 +1,7 @@
 """Decode-step matrix products on CUDA: our fused kernel (models_admin/decode_gemv.py) against
 what the compiled step runs (cuBLAS, with inductor's kernels for the norms and adds around it).
 
-    python bench/decode_gemv.py [--rows 1 16] [--sweep]
+    python bench/decode_gemv.py [--rows 1 16] [--sweep] [--products qkv o ...]
 
 For each product of the benchmark's 1B model (bench/engine_gpu.py), with what the decode step
 takes into it, times one call inside a CUDA graph and prints the weight bytes read per second.
@@ -113,16 +113,20 @@ def graph_us(fn: Callable[[torch.Tensor], Any], weights: list[torch.Tensor]) -> 
     return sorted(times)[len(times) // 2]
 
 
-def grid(rows: int) -> list[Config]:
+def grid(name: str, rows: int) -> list[Config]:
+    """The configurations a sweep tries: the tensor-core form (at one row, for gate/up alone,
+    the only product it ever won), and at one row the elementwise form."""
     dot = [
         Config(bn, bk, warps, stages)
         for bn, bk, warps, stages in itertools.product((16, 32), (128, 256, 512), (4, 8), (2, 3, 4))
     ]
     if rows > 1:
         return dot
-    return dot + [
+    return (dot if name == "gate_up" else []) + [
         Config(bn, bk, warps, stages, dot=False)
-        for bn, bk, warps, stages in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 2))
+        for bn, bk, warps, stages in itertools.product(
+            (2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 2, 3)
+        )
     ]
 
 
@@ -142,11 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--products", nargs="+", choices=PRODUCTS, default=PRODUCTS)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(machine_describe())
     if args.sweep:
-        jobs = [(n, r, c) for r in args.rows for n in PRODUCTS for c in grid(r)]
+        jobs = [(n, r, c) for r in args.rows for n in args.products for c in grid(n, r)]
         workers = min(len(jobs), max(1, (os.cpu_count() or 2) - 2))
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers) as pool:
@@ -155,7 +160,7 @@ def main() -> None:
     print("| product | rows | weights MB | compiled + cuBLAS | ours (config_for) | best of sweep |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for rows in args.rows:
-        for name in PRODUCTS:
+        for name in args.products:
             t, reference, ours = problem(name, rows)
             ws = t["ws"]
             mb = ws[0].numel() * 2 / 1e6
@@ -183,7 +188,7 @@ def main() -> None:
             best = ""
             if args.sweep:
                 timed = []
-                for config in grid(rows):
+                for config in grid(name, rows):
                     try:
                         out = fused(ws[0], config=config)
                     except Exception:  # refused by the compiler (shared memory, registers)
@@ -195,8 +200,11 @@ def main() -> None:
                     us = graph_us(functools.partial(fused, config=config), ws)
                     timed.append((us, config))
                 if timed:
-                    us, config = min(timed)
+                    timed.sort()
+                    us, config = timed[0]
                     best = f"{rate(us)} {tuple(config)}"
+                    runners_up = ", ".join(f"{u:.2f} {tuple(c)}" for u, c in timed[1:4])
+                    print(f"  {name} {rows}: next best {runners_up}", flush=True)
             n = ws[0].shape[0] // (2 if name == "gate_up" else 1)
             chosen = tuple(config_for(n, x.shape[1], rows, glu=name == "gate_up"))
             print(
