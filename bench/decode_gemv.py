@@ -206,7 +206,7 @@ def main() -> None:
                     runners_up = ", ".join(f"{u:.2f} {tuple(c)}" for u, c in timed[1:4])
                     print(f"  {name} {rows}: next best {runners_up}", flush=True)
             n = ws[0].shape[0] // (2 if name == "gate_up" else 1)
-            chosen = tuple(config_for(n, x.shape[1], rows, glu=name == "gate_up"))
+            chosen = tuple(config_for(n, x.shape[1], rows))
             print(
                 f"| {name} | {rows} | {mb:.1f} | {rate(base)} | {rate(mine)} {chosen} | {best} |",
                 flush=True,

@@ -33,11 +33,11 @@ _PROGRAMS = 2  # aim for this many programs per multiprocessor
 @functools.cache
 def dependent_launch(device: torch.device) -> bool:
     """Whether our decode kernels launch on `device` while the kernel before them still runs
-    (programmatic dependent launch: compute capability 9.0 and later; never in Triton's
-    interpreter). Each such kernel waits for the one before it ahead of reading its outputs,
-    so the overlap hides the gap between kernels and the last programs' tail.
+    (programmatic dependent launch: NVIDIA GPUs of compute capability 9.0 and later; never
+    in Triton's interpreter). Each such kernel waits for the one before it ahead of reading
+    its outputs, so the overlap hides the gap between kernels and the last programs' tail.
     `ENGINE_DEPENDENT_LAUNCH=0` turns it off (for comparisons)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if os.environ.get("ENGINE_DEPENDENT_LAUNCH", "1") == "0":
         return False

@@ -19,15 +19,18 @@ program reads its input and its weights in a single pass (the results differ fro
 step's in the last bits). A layer's decode step is then four of these plus attention, instead
 of about ten kernels.
 
-For one row, two things make the reads run near the bandwidth (on an H100, a one-row step of
-the 1B benchmark model went from 1.236 to 0.988 ms; bench/results/engine_gpu-h100.md):
+For one row, three things make the reads run near the bandwidth (on an H100, together they
+took a one-row step of the 1B benchmark model from 1.236 to 0.988 ms, about two thirds of it
+from the last; bench/results/engine_gpu-h100.md):
 
 - each program's products and squares are kept per position of the step and summed once,
   after the last step; a sum across the program's threads in every step held up the loads
   (down, 8192 deep: 20.5 -> 13.1 us);
 - on compute capability 9.0 and later, each kernel is launched while the one before it still
   runs (programmatic dependent launch, `decode_attention.dependent_launch`), reads its first
-  strip of weights, and only then waits for the kernel before to finish and reads its input.
+  strip of weights, and only then waits for the kernel before to finish and reads its input;
+- narrow strips, 2 output columns a program (4 for the lm_head), gate/up included: more
+  programs in flight than the tensor-core form's 32 columns (`config_for`).
 
 Left out of torch.compile (a graph break where it is called): the decode step that uses it is
 captured as a CUDA graph and replayed, so there is nothing left for the compiler to fuse.
@@ -57,7 +60,7 @@ class Config(NamedTuple):
 # model's products. One row: the elementwise form, 2 output columns a program (4 for a wide
 # output such as the lm_head), 1024 of K a step. More rows take the tensor-core form (at 16 rows
 # it was no faster than cuBLAS: the runner sends only one-row steps here, `LlamaRunner.gemv_rows`).
-def config_for(n: int, k: int, rows: int, glu: bool = False) -> Config:
+def config_for(n: int, k: int, rows: int) -> Config:
     if rows > 1:
         return Config(block_n=32, block_k=256, warps=4, stages=3)
     # The largest power-of-2 step up to 1024 that divides K (masked loads of a partial step
@@ -287,7 +290,7 @@ def gemv(
         assert norm.shape == (k,) and norm.is_contiguous()
     if bias is not None:
         assert bias.shape == (weight.shape[0],) and bias.is_contiguous()
-    chosen = config or config_for(out_rows, k, rows, glu)
+    chosen = config or config_for(out_rows, k, rows)
     assert chosen.dot or rows == 1
     y = x.new_empty((rows, out_rows), dtype=out_dtype or x.dtype)
     pdl = dependent_launch(x.device)

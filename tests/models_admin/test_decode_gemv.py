@@ -29,6 +29,8 @@ def test_each_fused_product_equals_the_unfused_steps() -> None:
             (16, 48, 128, Config(32, 64, 4, 2)),
             (1, 40, 96, Config(8, 32, 4, 1, dot=False)),
             (1, 40, 96, Config(8, 64, 4, 1, dot=False)),  # K not a multiple of the step
+            (1, 37, 40, Config(8, 64, 4, 1, dot=False)),  # K within one step; a short last strip
+            (1, 37, 96, Config(2, 32, 4, 2, dot=False)),  # two columns a program, as config_for
         ]:
             x, d = torch.randn(rows, k), torch.randn(rows, k)
             nw, b = torch.rand(k) + 0.5, torch.randn(n)
