@@ -244,6 +244,7 @@ def main() -> None:
     ]
     rows, ours = bench_ours(engine, prompts, args.tokens, args.streams)
     decode_weights = engine.runner.decode_weights
+    prefill_weights = engine.runner.prefill_weights
     del engine
     # The engine leaves other threads one core each (engine._cpu_threads_confine); the
     # baselines get every core back.
@@ -258,7 +259,7 @@ def main() -> None:
 
     print(
         f"# engine on CPU: {DEFAULT_MODEL_NAME}, {args.tokens}-token answers, "
-        f"our weights {args.weights} (decode: {decode_weights}), "
+        f"our weights {args.weights} (decode: {decode_weights}, prefill: {prefill_weights}), "
         f"torch {torch.__version__}, {threads} threads"
     )
     print(f"# machine: {machine_describe()}")

@@ -194,6 +194,7 @@ class Engine:
                 max_batch=max_batch,
                 max_len=max_len,
                 cpu_weights=cpu_weights,
+                cpu_prefill=os.environ.get("ENGINE_CPU_PREFILL", "auto"),
                 # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
                 compile_steps=self.device.type == "cuda"
                 and os.environ.get("ENGINE_COMPILE") != "0",
@@ -249,11 +250,13 @@ class Engine:
         if on_cpu:
             _cpu_threads_confine()
         logger.info(
-            "Loaded %s on %s (%s, %s decode weights, %d slots of %d tokens) in %.1fs",
+            "Loaded %s on %s (%s, weights %s for decode and %s for prefill, %d slots of %d "
+            "tokens) in %.1fs",
             directory,
             self.device,
             dtype,
             self.runner.decode_weights,
+            self.runner.prefill_weights,
             max_batch,
             max_len,
             time.perf_counter() - started,

@@ -284,17 +284,22 @@ def test_the_q4_model_decodes_with_its_own_4bit_weights_which_random_weights_are
 ) -> None:
     import torch
 
-    from models_admin.llama import _Int4Linear, on_int4_grid
+    from models_admin.llama import _amx, _Int4Linear, _Linear, on_int4_grid
 
     assert engine.runner.decode_weights == "int4"
     layer = engine.runner.decode_layers[0]
     assert isinstance(layer.gate_up, _Int4Linear)
-    # Prefill keeps fp16 weights; the 4-bit ones hold the same values (the difference is the
-    # bf16 rounding of the activations and outputs, well under 1%).
+    # Prefill keeps 16-bit weights: bf16 where the CPU has AMX, fp16 packed otherwise. The
+    # 4-bit ones hold the same values (the difference is the bf16 rounding of the activations
+    # and outputs, well under 1%).
+    prefill = engine.runner.layers[0].gate_up
+    assert isinstance(prefill, _Linear)
+    assert engine.runner.prefill_weights == ("bf16" if _amx() else "fp16")
+    assert prefill.bf16 == _amx()
     x = torch.randn(3, engine.runner.embed.shape[1])
-    fp16 = engine.runner.layers[0].gate_up(x)
+    sixteen = prefill(x)
     int4 = layer.gate_up(x)
-    assert float((int4 - fp16).norm() / fp16.norm()) < 0.01
+    assert float((int4 - sixteen).norm() / sixteen.norm()) < 0.01
     assert not on_int4_grid(torch.randn(64, 64))
 
 
@@ -321,3 +326,20 @@ def test_a_prompt_that_begins_like_an_earlier_one_takes_its_first_block_from_the
     finally:
         engine.prefixes = saved
     assert warm.text == cold.text and warm.text
+
+
+def test_bf16_prefill_weights_give_the_product_in_fp32_with_the_bias() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from models_admin.llama import _Linear
+
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(48, 64), torch.randn(48), torch.randn(5, 64)
+    linear = _Linear(weight, bias, packed_fp16=True, bf16=True)
+    assert linear.packed is None and linear.weight.dtype == torch.bfloat16
+    y = linear(x)
+    want = F.linear(x, weight, bias)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    # Inputs and weights rounded to bf16 (8 bits): about 1% of the outputs' scale, not more.
+    assert float((y - want).norm() / want.norm()) < 0.02
