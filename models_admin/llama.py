@@ -345,9 +345,7 @@ class LlamaRunner:
         # bf16 weights where the CPU multiplies them in hardware: on a 2-core Xeon with AMX a
         # layer's products for a 128-token prompt took 1.2 ms instead of 3.2 with fp16 packed.
         prefill_bf16 = int4 and (cpu_prefill == "bf16" or (cpu_prefill == "auto" and _amx()))
-        self.prefill_weights = (
-            "bf16" if prefill_bf16 else self.decode_weights.replace("int4", "fp16")
-        )
+        self.prefill_weights = "bf16" if prefill_bf16 else ("fp16" if int4 else self.decode_weights)
 
         # Prefill reads `layers`; decode steps read `decode_layers` (the same objects unless
         # the decode weights are 4-bit).

@@ -1,5 +1,8 @@
-"""A small Llama runner and two decode steps from empty caches, for the kernel tests (which run
-them in Triton's interpreter, in a process of their own)."""
+"""Small random Llama runners on the CPU, and two decode steps from empty caches, for the
+kernel tests (which run them in Triton's interpreter, in a process of their own) and the
+compilation tests."""
+
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -9,20 +12,10 @@ from models_admin.llama import LlamaRunner
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
 
 
-def small_runner(*, biases: bool = False) -> LlamaRunner:
-    """Two layers, grouped-query attention (4 query heads a KV head), fp32 on the CPU."""
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        attention_bias=biases,
-        mlp_bias=biases,
-    )
+def random_runner(sizes: dict[str, Any], *, biases: bool = False, **options: Any) -> LlamaRunner:
+    """A two-layer Llama of these `sizes` (LlamaConfig's arguments), random weights (seed 0),
+    fp32 on the CPU; `options` go to the runner (max_batch and max_len at least)."""
+    config = LlamaConfig(**sizes, num_hidden_layers=2, attention_bias=biases, mlp_bias=biases)
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -31,13 +24,22 @@ def small_runner(*, biases: bool = False) -> LlamaRunner:
             if name.endswith(".bias"):
                 param.normal_(0, 0.5)
     return LlamaRunner(
-        model,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        max_batch=4,
-        max_len=128,
-        cpu_weights="fp32",
+        model, device=torch.device("cpu"), dtype=torch.float32, cpu_weights="fp32", **options
     )
+
+
+def small_runner(*, biases: bool = False) -> LlamaRunner:
+    """Grouped-query attention (4 query heads a KV head), 4 slots of 128 positions."""
+    sizes = dict(
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    return random_runner(sizes, biases=biases, max_batch=4, max_len=128)
 
 
 def two_steps(runner: LlamaRunner, prompts: list[list[int]] = PROMPTS) -> torch.Tensor:

@@ -6,36 +6,29 @@ the engine compiles again, which is the same whatever the backend.
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from models_admin.llama import LlamaRunner
+from tests.models_admin.runner_steps import random_runner
 
 
 def _runner(
     *, kv_heads: int = 3, counter: CompileCounterWithBackend | None = None, scope: str = "model"
 ) -> LlamaRunner:
     # Sizes that match none of the batch sizes or spans below unless a test means them to.
-    config = LlamaConfig(
+    sizes = dict(
         vocab_size=101,
         hidden_size=48,
         intermediate_size=80,
-        num_hidden_layers=2,
         num_attention_heads=6,
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
     )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
     if counter is not None:
         torch._dynamo.reset()
-    return LlamaRunner(
-        model,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+    return random_runner(
+        sizes,
         max_batch=8,
         max_len=256,
-        cpu_weights="fp32",
         compile_steps=counter is not None,
         compile_scope=scope,
         compile_backend=counter,
