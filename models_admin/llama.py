@@ -24,7 +24,7 @@ prefill attends with scaled-dot-product (flash) attention, decode steps with our
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,17 @@ class _Int4Linear:
         return y + self.bias if self.bias is not None else y
 
 
+class _Sizes(torch.nn.Module):
+    """The model's head counts and head size. Held by a module, whose ints torch.compile
+    keeps constant; on any other object, `dynamic=True` makes each of them a symbol."""
+
+    def __init__(self, *, n_heads: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv = n_kv
+        self.head_dim = head_dim
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
@@ -285,9 +296,12 @@ class LlamaRunner:
         self.dtype = dtype
         self.max_batch = max_batch
         self.max_len = max_len
-        self.n_heads = config.num_attention_heads
-        self.n_kv = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.sizes = _Sizes(
+            n_heads=config.num_attention_heads,
+            n_kv=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads,
+        )
         self.eps = float(config.rms_norm_eps)
         self.vocab = config.vocab_size
         if cpu_weights not in CPU_WEIGHTS:
@@ -460,6 +474,49 @@ class LlamaRunner:
         shape = (max_batch, self.n_kv, max_len + 1, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        if compile_steps:
+            self._model_sizes_static()
+
+    @property
+    def n_heads(self) -> int:
+        return self.sizes.n_heads
+
+    @property
+    def n_kv(self) -> int:
+        return self.sizes.n_kv
+
+    @property
+    def head_dim(self) -> int:
+        return self.sizes.head_dim
+
+    def _model_sizes_static(self) -> None:
+        """Hold the model's own sizes constant in compiled forwards; only the tokens' vary.
+
+        Compiled with `dynamic=True`, every size of every tensor a forward reads is a symbol,
+        the weights' included: inductor's kernels then index with sizes passed at run time
+        (a division per element where silu x up splits gate/up's output) instead of constants.
+        Weights, norms and the caches' heads and head size never change for a model; tokens,
+        rows, spans and the caches' slots and length do. On an H100 a 4 x 512 prefill of a
+        1B model took 10.9 ms with every size symbolic and 8.7-8.8 ms with these fixed.
+        """
+
+        def tensors(*holders: Any) -> Iterator[torch.Tensor]:
+            """The tensors among `holders` and among their attributes (a linear's weights)."""
+            for holder in holders:
+                if torch.is_tensor(holder):
+                    yield holder
+                else:
+                    yield from (v for v in vars(holder).values() if torch.is_tensor(v))
+
+        mark = torch._dynamo.mark_static
+        for layer in (*self.layers, *self.decode_layers):
+            for tensor in tensors(*vars(layer).values()):
+                mark(tensor)
+        for tensor in tensors(self.embed, self.final_norm, self.lm_head):
+            mark(tensor)
+        for cache in (*self.k_cache, *self.v_cache):
+            mark(cache, 1)
+            mark(cache, 3)
 
     def _plain_forwards(self) -> None:
         self.decode_body = self._decode_body

@@ -6,6 +6,7 @@ the engine compiles again, which is the same whatever the backend.
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from models_admin.llama import LlamaRunner
 from tests.models_admin.runner_steps import random_runner
@@ -74,3 +75,31 @@ def test_engine_layers_compiled_one_at_a_time_share_one_compilation() -> None:
     assert counter.frame_count == 3
     assert torch.allclose(outputs[0], outputs[2], atol=1e-5)
     assert torch.allclose(outputs[1], outputs[3], atol=1e-5)
+
+
+def test_engine_compiled_layers_hold_the_model_sizes_constant() -> None:
+    # With every size symbolic, inductor's kernels index by sizes given at run time (on the
+    # GPU a 4 x 512 prefill took a fifth longer). Only the tokens and the caches' slots and
+    # length may vary.
+    counter = CompileCounterWithBackend("aot_eager")
+    runner = _runner(counter=counter, scope="layer")
+    prompts = torch.arange(1, 41).view(2, 20)
+    with torch.inference_mode():
+        runner.prefill_body(prompts, torch.tensor([0, 1]), torch.tensor([19, 39]))
+    inputs = {
+        node.name: node.meta["example_value"]
+        for node in counter.graphs[0].graph.nodes
+        if node.op == "placeholder"
+    }
+
+    def fixed(name: str) -> list[bool]:
+        return [is_concrete_int(size) for size in inputs[name].shape]
+
+    weights = [name for name in inputs if name.startswith("l_layer_")]
+    assert len(weights) == 6  # two norms, four products
+    assert all(all(fixed(name)) for name in weights)
+    assert fixed("l_h_") == [False, True]
+    assert fixed("l_cos_") == [False, True, True]
+    assert fixed("l_k_cache_") == [False, True, False, True]
+    # The heads and the head size are constants, not inputs.
+    assert [name for name in inputs if name.startswith("l_self_")] == ["l_self_eps"]
