@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
@@ -452,6 +453,11 @@ class LlamaRunner:
             # compiled forward would hold them equal: warmed up with 2 rows, a model of 2 KV
             # heads (as Qwen2-0.5B has) compiled its decode step again for every other batch size.
             fx_config.use_duck_shape = False
+            # The model's sizes are constants of its compilations (`_model_sizes_static`), so
+            # a worker serving several models compiles each forward per model (and per prompt
+            # count 1 or more): past dynamo's default of 8 a function, later models would run
+            # uncompiled.
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
 
             def compiled(fn: Any) -> Any:
                 return torch.compile(fn, dynamic=True, backend=compile_backend)

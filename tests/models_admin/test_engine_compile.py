@@ -4,6 +4,8 @@ The backend traces and counts compilations without generating kernels: what is c
 the engine compiles again, which is the same whatever the backend.
 """
 
+import itertools
+
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
@@ -103,3 +105,34 @@ def test_engine_compiled_layers_hold_the_model_sizes_constant() -> None:
     assert fixed("l_k_cache_") == [False, True, False, True]
     # The heads and the head size are constants, not inputs.
     assert [name for name in inputs if name.startswith("l_self_")] == ["l_self_eps"]
+
+
+def test_engine_models_of_other_sizes_in_one_process_are_each_compiled() -> None:
+    # Each model's sizes are constants of its own compilations, so a worker serving several
+    # models compiles a prefill layer per model and prompt count (1, or more); past dynamo's
+    # default limit of 8 per function, later models would run their forwards uncompiled.
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    frames = []
+    for hidden in (48, 60, 72, 84, 96, 108):
+        sizes = dict(
+            vocab_size=101,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            max_position_embeddings=256,
+        )
+        runner = random_runner(
+            sizes, max_batch=4, max_len=64, compile_steps=True, compile_backend=counter
+        )
+        with torch.inference_mode():
+            for n in (1, 2):
+                prompts = torch.arange(1, 10 * n + 1).view(n, 10)
+                runner.prefill_body(prompts, torch.arange(n), torch.arange(n) * 10 + 9)
+        frames.append(counter.frame_count)
+    # Every model compiled as much as the first: its prefill layer (for 1 prompt and for 2)
+    # and its logits.
+    added = [later - earlier for earlier, later in itertools.pairwise([0, *frames])]
+    assert added[0] >= 3
+    assert added == [added[0]] * len(added)
