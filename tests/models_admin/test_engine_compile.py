@@ -81,7 +81,7 @@ def test_engine_layers_compiled_one_at_a_time_share_one_compilation() -> None:
 
 def test_engine_compiled_layers_hold_the_model_sizes_constant() -> None:
     # With every size symbolic, inductor's kernels index by sizes given at run time (on the
-    # GPU a 4 x 512 prefill took a fifth longer). Only the tokens and the caches' slots and
+    # GPU a 4 x 512 prefill took a quarter longer). Only the tokens and the caches' slots and
     # length may vary.
     counter = CompileCounterWithBackend("aot_eager")
     runner = _runner(counter=counter, scope="layer")
