@@ -14,22 +14,25 @@ from models_admin.llama import LlamaRunner
 from tests.models_admin.runner_steps import random_runner
 
 
-def _runner(
-    *, kv_heads: int = 3, counter: CompileCounterWithBackend | None = None, scope: str = "model"
-) -> LlamaRunner:
+def _sizes(*, hidden: int = 48, kv_heads: int = 3) -> dict[str, int]:
     # Sizes that match none of the batch sizes or spans below unless a test means them to.
-    sizes = dict(
+    return dict(
         vocab_size=101,
-        hidden_size=48,
-        intermediate_size=80,
+        hidden_size=hidden,
+        intermediate_size=hidden + 32,
         num_attention_heads=6,
         num_key_value_heads=kv_heads,
         max_position_embeddings=256,
     )
+
+
+def _runner(
+    *, kv_heads: int = 3, counter: CompileCounterWithBackend | None = None, scope: str = "model"
+) -> LlamaRunner:
     if counter is not None:
         torch._dynamo.reset()
     return random_runner(
-        sizes,
+        _sizes(kv_heads=kv_heads),
         max_batch=8,
         max_len=256,
         compile_steps=counter is not None,
@@ -115,16 +118,12 @@ def test_engine_models_of_other_sizes_in_one_process_are_each_compiled() -> None
     torch._dynamo.reset()
     frames = []
     for hidden in (48, 60, 72, 84, 96, 108):
-        sizes = dict(
-            vocab_size=101,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_attention_heads=6,
-            num_key_value_heads=3,
-            max_position_embeddings=256,
-        )
         runner = random_runner(
-            sizes, max_batch=4, max_len=64, compile_steps=True, compile_backend=counter
+            _sizes(hidden=hidden),
+            max_batch=4,
+            max_len=64,
+            compile_steps=True,
+            compile_backend=counter,
         )
         with torch.inference_mode():
             for n in (1, 2):
