@@ -1,7 +1,7 @@
 """What the /v1 API adds to a non-streamed chat completion, against calling the engine directly.
 
 For 1, 10 and 50 concurrent clients: the latency of `POST /v1/chat/completions` (max_tokens=1,
-so the model's own share is one prefill and one token) through the real stack: daphne, API key
+so the model's own share is one prefill and one token) through the real stack: uvicorn, API key
 authentication, input safety filters, routing, admission (Redis rate limits, budgets in
 PostgreSQL), audit, the job row, the enqueue through Redis, worker pickup, the engine, output
 filters, settling and the event back through a Redis stream. Then the same prompts, at the same
@@ -297,7 +297,7 @@ def main() -> None:
         while direct_port == port:
             direct_port = free_port()
         bare = subprocess.Popen(
-            [*web_command("127.0.0.1", direct_port)[:-1], "bench.direct_asgi:application"],
+            web_command("127.0.0.1", direct_port, "bench.direct_asgi:application"),
             cwd=BASE_DIR,
             env={**os.environ, "BENCH_DIRECT_ALIAS": ALIAS},
             stdout=(VAR / "bench-api-direct.log").open("w"),
@@ -319,7 +319,7 @@ def main() -> None:
         )
         _wait_for(lambda: "ready." in worker_log.read_text(errors="replace"), "worker", worker)
 
-        _wait_for(lambda: _listening(port), "daphne", web)
+        _wait_for(lambda: _listening(port), "the web server", web)
         _wait_for(lambda: _listening(direct_port), "the bare engine endpoint", bare)
         base = f"http://127.0.0.1:{port}"
         bare_base = f"http://127.0.0.1:{direct_port}"
@@ -349,7 +349,7 @@ def main() -> None:
 
     print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
     print(f"# machine: {machine_describe()}")
-    print("# model: SmolLM2-135M-Instruct; worker: 8 threads; web: one daphne process")
+    print("# model: SmolLM2-135M-Instruct; worker: 8 threads; web: one uvicorn process")
     print()
     print("Baseline: the engine in this process (`Engine.generate`), no HTTP.")
     print()

@@ -3,10 +3,11 @@
 
 `POST /` with `{"messages": [...], "max_tokens": N}` answers the engine's text and token counts.
 No key, no admission, no audit, no queue: one JSON parse, the engine (in this process, as in a
-worker), one JSON answer, under the same server as the platform (daphne). The engine serves the
-primary version of the deployment named by `BENCH_DIRECT_ALIAS`.
+worker), one JSON answer, under the same server as the platform (uvicorn, as
+`genai_site.launcher.web_command` runs it). The engine serves the primary version of the
+deployment named by `BENCH_DIRECT_ALIAS`.
 
-    daphne -b 127.0.0.1 -p 8001 bench.direct_asgi:application
+    uvicorn --port 8001 bench.direct_asgi:application
 """
 
 import asyncio

@@ -99,8 +99,33 @@ def worker_command(
     ]
 
 
-def web_command(host: str, port: int) -> list[str]:
-    return [str(BIN / "daphne"), "-b", host, "-p", str(port), "genai_site.asgi:application"]
+def web_command(host: str, port: int, app: str = "genai_site.asgi:application") -> list[str]:
+    """The ASGI server: uvicorn, with its C parts (uvloop's event loop, httptools' HTTP parser).
+    On 2 cores a request took 0.6 ms less of the server's CPU than under daphne (GET /v1/models:
+    1.0 against 1.65-1.95 ms; through the site's middleware, 2.7 against 4.0-4.3 ms).
+
+    Proxy headers are not trusted, as under daphne: a program on this host could otherwise set
+    the address the audit log records. Open streams get 10 s to finish when it stops.
+    """
+    return [
+        str(BIN / "uvicorn"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--ws",
+        "websockets-sansio",
+        "--lifespan",
+        "off",
+        "--no-proxy-headers",
+        "--timeout-graceful-shutdown",
+        "10",
+        app,
+    ]
 
 
 def up(host: str, port: int) -> int:

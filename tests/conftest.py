@@ -144,7 +144,7 @@ def spare_worker(subprocess_env: dict[str, str]) -> Iterator[tuple[subprocess.Po
 
 @pytest.fixture(scope="session")
 def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
-    """The real ASGI application under daphne, against the test database."""
+    """The real ASGI application under the web server (uvicorn), against the test database."""
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "web.log"
@@ -160,7 +160,7 @@ def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", port)) == 0
 
-    _wait(listening, 60, "daphne", proc)
+    _wait(listening, 60, "the web server", proc)
     yield f"http://127.0.0.1:{port}"
     _stop(proc)
 
