@@ -20,6 +20,11 @@ processes' own counters around each round. On a machine whose cores the engine f
 platform's added latency follows the CPU its own code takes per request.
 
     python -m genai_site.launcher run -- python bench/api_overhead.py
+
+`BENCH_CLIENTS` (default 1,10,50) and `BENCH_REQUESTS_1` choose the levels and the requests at one
+client; `BENCH_MODEL_DIR` serves a safetensors model directory instead of the default model (on a
+machine without its package, such as a GPU machine with a random-weight model of its shape). The
+worker has as many task threads as `make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
 """
 
 import asyncio
@@ -48,12 +53,12 @@ from django.contrib.auth.models import User  # noqa: E402
 
 from bench.machine import machine_describe  # noqa: E402
 from genai_site.embedded import free_port  # noqa: E402
-from genai_site.launcher import web_command, worker_command  # noqa: E402
+from genai_site.launcher import default_concurrency, web_command, worker_command  # noqa: E402
 from governance.api_keys import api_key_create  # noqa: E402
 from governance.models import UsageLimit  # noqa: E402
 from models_admin.engine import SamplingParams, engine_get  # noqa: E402
-from models_admin.importing import model_import_default  # noqa: E402
-from models_admin.models import Deployment  # noqa: E402
+from models_admin.importing import model_import, model_import_default  # noqa: E402
+from models_admin.models import Deployment, ModelVersion  # noqa: E402
 from models_admin.store import artifact_dir  # noqa: E402
 
 ALIAS = "bench-api-overhead"
@@ -68,6 +73,8 @@ PROMPTS = [
     "How do plants make food?",
 ]
 VAR = BASE_DIR / "var"
+# As many task threads as the engine has slots, as `make up` runs it.
+WORKER_THREADS = default_concurrency()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,7 +95,19 @@ def _rounds(total: int, clients: int) -> list[int]:
 
 
 def setup() -> str:
-    version = model_import_default(alias=ALIAS)
+    # BENCH_MODEL_DIR: a safetensors model directory to serve instead of the default model (on
+    # a machine without the default model's package; the answer's text does not matter here).
+    model_dir = os.environ.get("BENCH_MODEL_DIR")
+    if model_dir:
+        version = model_import(
+            source=Path(model_dir),
+            model_name="bench-api-model",
+            version=Path(model_dir).name,
+            alias=ALIAS,
+            stage=ModelVersion.Stage.PRODUCTION,
+        )
+    else:
+        version = model_import_default(alias=ALIAS)
     version.temperature = 0.0
     version.save()
     # Caches off: every request must reach the engine, or the comparison would be unfair.
@@ -103,7 +122,7 @@ def setup() -> str:
 
 
 def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ignore[no-untyped-def, type-arg]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a GPU engine compiles as it loads
     while not predicate():
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"{what} did not start; see var/bench-*.log")
@@ -274,7 +293,11 @@ def main() -> None:
     port = free_port()
     worker_log = VAR / "bench-api-worker.log"
     worker = subprocess.Popen(
-        [*worker_command(queues=QUEUE, concurrency=8), "-n", f"bench-api@{platform.node()}"],
+        [
+            *worker_command(queues=QUEUE, concurrency=WORKER_THREADS),
+            "-n",
+            f"bench-api@{platform.node()}",
+        ],
         cwd=BASE_DIR,
         stdout=worker_log.open("w"),
         stderr=subprocess.STDOUT,
@@ -349,7 +372,8 @@ def main() -> None:
 
     print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
     print(f"# machine: {machine_describe()}")
-    print("# model: SmolLM2-135M-Instruct; worker: 8 threads; web: one uvicorn process")
+    model = os.environ.get("BENCH_MODEL_DIR") or "SmolLM2-135M-Instruct"
+    print(f"# model: {model}; worker: {WORKER_THREADS} threads; web: one uvicorn process")
     print()
     print("Baseline: the engine in this process (`Engine.generate`), no HTTP.")
     print()
