@@ -18,6 +18,7 @@ Without Redis, nothing is cached: every read goes to the database.
 
 import copy
 import logging
+import pickle
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
@@ -42,7 +43,30 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _GENERATION_KEY = "genai:config:generation"
 
-_entries: dict[Hashable, tuple[int, Any]] = {}
+
+class _Copies:
+    """Hands out copies of one cached value, each caller its own (model instances are mutable):
+    unpickled from the value's bytes, which takes a quarter of `copy.deepcopy`'s time for a
+    model instance (a Deployment: 16.5 against 79 us on 2 cores); deep-copied where the value
+    cannot be pickled."""
+
+    __slots__ = ("_blob", "_value")
+
+    def __init__(self, value: Any) -> None:
+        self._value: Any = None
+        self._blob: bytes | None = None
+        try:
+            self._blob = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            self._value = copy.deepcopy(value)
+
+    def copy(self) -> Any:
+        if self._blob is not None:
+            return pickle.loads(self._blob)
+        return copy.deepcopy(self._value)
+
+
+_entries: dict[Hashable, tuple[int, _Copies]] = {}
 _entries_lock = threading.Lock()
 # The newest generation this process has seen: entries of older ones are dropped when it moves.
 _entries_generation = -1
@@ -155,8 +179,8 @@ def config_cached(key: Hashable, load: Callable[[], T]) -> T:
     if entry is None or entry[0] != generation:
         value = load()
         _entry_store(key, generation, value)
-        entry = (generation, value)
-    return copy.deepcopy(entry[1])
+        return value
+    return entry[1].copy()  # type: ignore[no-any-return]
 
 
 async def config_cached_async(key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
@@ -169,19 +193,21 @@ async def config_cached_async(key: Hashable, load: Callable[[], Awaitable[T]]) -
     with _entries_lock:
         entry = _entries.get(key)
     if entry is not None and entry[0] == generation:
-        return copy.deepcopy(entry[1])  # type: ignore[no-any-return]
+        return entry[1].copy()  # type: ignore[no-any-return]
     value = await load()
-    _entry_store(key, generation, copy.deepcopy(value))
+    _entry_store(key, generation, value)
     return value
 
 
 def _entry_store(key: Hashable, generation: int, value: Any) -> None:
+    """Keeps `value` as it is now: the caller may change its own afterwards."""
     global _entries_generation
+    entry = (generation, _Copies(value))
     with _entries_lock:
         if generation > _entries_generation or len(_entries) >= _MAX_ENTRIES:
             _entries.clear()
             _entries_generation = max(generation, _entries_generation)
-        _entries[key] = (generation, value)
+        _entries[key] = entry
 
 
 @contextmanager

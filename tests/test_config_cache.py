@@ -121,6 +121,24 @@ def test_a_process_drops_what_it_read_under_older_generations() -> None:
     assert ("new-entry",) in config_cache._entries
 
 
+class _Unpicklable:
+    def __init__(self) -> None:
+        self.items = [1]
+        self.callback = lambda: None  # a lambda cannot be pickled
+
+
+@pytest.mark.parametrize("make", [lambda: {"items": [1]}, _Unpicklable], ids=["pickled", "copied"])
+def test_every_caller_gets_its_own_copy_of_what_the_loader_gave(make) -> None:  # type: ignore[no-untyped-def]
+    key = ("copies", make.__name__)
+    loaded = config_cache.config_cached(key, make)
+    mutable = loaded["items"] if isinstance(loaded, dict) else loaded.items
+    mutable.append(2)  # the loader's own value, changed after it was cached
+    first, second = (config_cache.config_cached(key, make) for _ in range(2))
+    assert first is not second
+    for copy in (first, second):
+        assert (copy["items"] if isinstance(copy, dict) else copy.items) == [1]
+
+
 def test_a_counter_that_went_missing_starts_at_a_random_value_and_an_unsent_change_is_sent_later(
     settings,  # type: ignore[no-untyped-def]
 ) -> None:
