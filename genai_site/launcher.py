@@ -101,8 +101,8 @@ def worker_command(
 
 def web_command(host: str, port: int, app: str = "genai_site.asgi:application") -> list[str]:
     """The ASGI server: uvicorn, with its C parts (uvloop's event loop, httptools' HTTP parser).
-    On 2 cores a request took 0.6 ms less of the server's CPU than under daphne (GET /v1/models:
-    1.0 against 1.65-1.95 ms; through the site's middleware, 2.7 against 4.0-4.3 ms).
+    On 2 cores a request takes less of the server's CPU than under daphne (GET /v1/models: 1.0-1.2
+    against 1.65-1.95 ms; /healthz, through the site's middleware: 2.7-2.8 against 4.0-4.3 ms).
 
     Proxy headers are not trusted, as under daphne: a program on this host could otherwise set
     the address the audit log records. Open streams get 10 s to finish when it stops.
