@@ -97,7 +97,7 @@ CHANNEL_LAYERS = {
 }
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "genai_site.redis_cache.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "genai:cache",
     }

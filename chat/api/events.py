@@ -82,14 +82,11 @@ async def job_events_read(
     caller can look at the job's row (the stream may have expired) or give up."""
     client = redis_loop_client("events")
     last = "0"
-    try:
-        while True:
-            found = await client.xread({_key(public_id): last}, block=block_ms, count=100)
-            if not found:
-                yield None
-                continue
-            for entry_id, fields in found[0][1]:
-                last = entry_id
-                yield json.loads(fields[b"e"])
-    finally:
-        await client.aclose()
+    while True:
+        found = await client.xread({_key(public_id): last}, block=block_ms, count=100)
+        if not found:
+            yield None
+            continue
+        for entry_id, fields in found[0][1]:
+            last = entry_id
+            yield json.loads(fields[b"e"])
