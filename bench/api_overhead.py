@@ -25,9 +25,12 @@ platform's added latency follows the CPU its own code takes per request.
 client; `BENCH_MODEL_DIR` serves a safetensors model directory instead of the default model (on a
 machine without its package, such as a GPU machine with a random-weight model of its shape). The
 worker has as many task threads as `make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
+`BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` (uvicorn's
+own setting) that many web processes for the API; the bare endpoint stays one process.
 """
 
 import asyncio
+import logging
 import os
 import platform
 import socket
@@ -49,6 +52,7 @@ django.setup()
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 
 from bench.machine import machine_describe  # noqa: E402
@@ -72,9 +76,14 @@ PROMPTS = [
     "Name three planets in the solar system.",
     "How do plants make food?",
 ]
-VAR = BASE_DIR / "var"
+VAR = Path(settings.VAR_DIR)  # GENAI_VAR_DIR, where the launcher keeps its files
 # As many task threads as the engine has slots, as `make up` runs it.
 WORKER_THREADS = default_concurrency()
+WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
+# A line per request from the client library would cost this process time in the API's and the
+# bare endpoint's rounds alike.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+WEB_PROCESSES = int(os.environ.get("WEB_CONCURRENCY") or 1)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,7 +134,7 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ig
     deadline = time.monotonic() + 300  # a GPU engine compiles as it loads
     while not predicate():
         if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"{what} did not start; see var/bench-*.log")
+            raise SystemExit(f"{what} did not start; see {VAR}/bench-*.log")
         time.sleep(0.2)
 
 
@@ -291,24 +300,27 @@ def main() -> None:
     key = setup()
     version = Deployment.objects.get(alias=ALIAS).primary_version
     port = free_port()
-    worker_log = VAR / "bench-api-worker.log"
-    worker = subprocess.Popen(
-        [
-            *worker_command(queues=QUEUE, concurrency=WORKER_THREADS),
-            "-n",
-            f"bench-api@{platform.node()}",
-        ],
-        cwd=BASE_DIR,
-        stdout=worker_log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    worker_logs = [VAR / f"bench-api-worker{i}.log" for i in range(WORKERS)]
+    workers = [
+        subprocess.Popen(
+            [
+                *worker_command(queues=QUEUE, concurrency=WORKER_THREADS),
+                "-n",
+                f"bench-api{i}@{platform.node()}",
+            ],
+            cwd=BASE_DIR,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i, log in enumerate(worker_logs)
+    ]
     web = subprocess.Popen(
         web_command("127.0.0.1", port),
         cwd=BASE_DIR,
         stdout=(VAR / "bench-api-web.log").open("w"),
         stderr=subprocess.STDOUT,
     )
-    procs = [worker, web]
+    procs = [*workers, web]
     # The direct engine lives in this process, loaded before the runs; the two are measured
     # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
     # within minutes on these cores) falls on both alike.
@@ -322,31 +334,40 @@ def main() -> None:
         bare = subprocess.Popen(
             web_command("127.0.0.1", direct_port, "bench.direct_asgi:application"),
             cwd=BASE_DIR,
-            env={**os.environ, "BENCH_DIRECT_ALIAS": ALIAS},
+            env={
+                **{k: v for k, v in os.environ.items() if k != "WEB_CONCURRENCY"},
+                "BENCH_DIRECT_ALIAS": ALIAS,
+            },
             stdout=(VAR / "bench-api-direct.log").open("w"),
             stderr=subprocess.STDOUT,
         )
         procs.append(bare)
-        meter = CpuMeter(
-            {
-                worker.pid: "worker",
-                web.pid: "web",
-                bare.pid: "bare endpoint",
-                os.getpid(): "this process",
-            }
-        )
+        roles = {
+            **{worker.pid: "worker" for worker in workers},
+            web.pid: "web",
+            bare.pid: "bare endpoint",
+            os.getpid(): "this process",
+        }
         engine = engine_get(
             directory=artifact_dir(version.artifact_path),
             sha256=version.sha256,
             context_window=version.context_window,
         )
-        _wait_for(lambda: "ready." in worker_log.read_text(errors="replace"), "worker", worker)
+        for worker, log in zip(workers, worker_logs, strict=True):
+            _wait_for(lambda log=log: "ready." in log.read_text(errors="replace"), "worker", worker)
 
         _wait_for(lambda: _listening(port), "the web server", web)
         _wait_for(lambda: _listening(direct_port), "the bare engine endpoint", bare)
+        # Web processes that uvicorn starts itself count as the web's.
+        for pid, role in list(roles.items()):
+            for child in psutil.Process(pid).children(recursive=True):
+                roles.setdefault(child.pid, role)
+        meter = CpuMeter(roles)
         base = f"http://127.0.0.1:{port}"
         bare_base = f"http://127.0.0.1:{direct_port}"
-        asyncio.run(http_run(base, key, 2, 10))  # warm-up: the worker loads the model
+        # Warm-up: each worker loads the model, each web process its code.
+        warm = 2 * max(WORKERS, WEB_PROCESSES)
+        asyncio.run(http_run(base, key, warm, 5 * warm))
         asyncio.run(http_run(bare_base, None, 2, 10))
         engine_run(engine, version, 2, 10)
         for clients in LEVELS:
@@ -373,7 +394,10 @@ def main() -> None:
     print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
     print(f"# machine: {machine_describe()}")
     model = os.environ.get("BENCH_MODEL_DIR") or "SmolLM2-135M-Instruct"
-    print(f"# model: {model}; worker: {WORKER_THREADS} threads; web: one uvicorn process")
+    print(
+        f"# model: {model}; workers: {WORKERS} x {WORKER_THREADS} threads; "
+        f"web: {WEB_PROCESSES} uvicorn process(es)"
+    )
     print()
     print("Baseline: the engine in this process (`Engine.generate`), no HTTP.")
     print()
