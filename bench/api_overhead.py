@@ -27,6 +27,8 @@ machine without its package, such as a GPU machine with a random-weight model of
 worker has as many task threads as `make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
 `BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` (uvicorn's
 own setting) that many web processes for the API; the bare endpoint stays one process.
+`BENCH_USERS` spreads the clients over that many users (default 1), each with its own key and
+budget: one user's requests wait for each other on the user's budget row.
 """
 
 import asyncio
@@ -80,6 +82,8 @@ VAR = Path(settings.VAR_DIR)  # GENAI_VAR_DIR, where the launcher keeps its file
 # As many task threads as the engine has slots, as `make up` runs it.
 WORKER_THREADS = default_concurrency()
 WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
+# Each with a key and a daily budget of its own; client i uses user i modulo this.
+USERS = int(os.environ.get("BENCH_USERS", "1"))
 # A line per request from the client library would cost this process time in the API's and the
 # bare endpoint's rounds alike.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -103,7 +107,7 @@ def _rounds(total: int, clients: int) -> list[int]:
     return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
-def setup() -> str:
+def setup() -> list[str]:
     # BENCH_MODEL_DIR: a safetensors model directory to serve instead of the default model (on
     # a machine without the default model's package; the answer's text does not matter here).
     model_dir = os.environ.get("BENCH_MODEL_DIR")
@@ -123,11 +127,14 @@ def setup() -> str:
     Deployment.objects.filter(alias=ALIAS).update(
         queue=QUEUE, primary_version=version, exact_cache_enabled=False
     )
-    user, _ = User.objects.get_or_create(username="bench-api")
-    UsageLimit.objects.filter(user=user).delete()
-    UsageLimit.objects.create(user=user, tokens_per_day=100_000_000)
-    _, raw = api_key_create(user=user, name="bench", scopes=["chat"], actor=None)
-    return raw
+    keys = []
+    for i in range(USERS):
+        user, _ = User.objects.get_or_create(username="bench-api" + (f"-{i + 1}" if i else ""))
+        UsageLimit.objects.filter(user=user).delete()
+        UsageLimit.objects.create(user=user, tokens_per_day=100_000_000)
+        _, raw = api_key_create(user=user, name="bench", scopes=["chat"], actor=None)
+        keys.append(raw)
+    return keys
 
 
 def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ignore[no-untyped-def, type-arg]
@@ -142,21 +149,19 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ig
 TRACES: dict[int, list[tuple[float, float, str]]] = {}
 
 
-async def http_run(base: str, key: str | None, clients: int, total: int) -> list[float]:
-    """`total` requests from `clients` clients at once: to the /v1 API with `key`, or to the
-    bare engine endpoint without one."""
+async def http_run(base: str, keys: list[str] | None, clients: int, total: int) -> list[float]:
+    """`total` requests from `clients` clients at once: to the /v1 API, client i with
+    `keys[i % len(keys)]`, or to the bare engine endpoint without keys."""
     latencies: list[float] = []
     traces = TRACES.setdefault(clients, [])
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with httpx.AsyncClient(
-        base_url=base, headers=headers, timeout=300, limits=limits
-    ) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
 
-        async def one_client() -> None:
+        async def one_client(n: int) -> None:
+            headers = {"Authorization": f"Bearer {keys[n % len(keys)]}"} if keys else {}
             while not queue.empty():
                 i = queue.get_nowait()
                 body = {
@@ -166,18 +171,20 @@ async def http_run(base: str, key: str | None, clients: int, total: int) -> list
                 }
                 sent = time.time()
                 started = time.perf_counter()
-                response = await client.post("/v1/chat/completions" if key else "/", json=body)
+                response = await client.post(
+                    "/v1/chat/completions" if keys else "/", json=body, headers=headers
+                )
                 latencies.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200, response.text
-                if key:
+                if keys:
                     traces.append((sent, time.time(), response.json()["id"]))
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+        await asyncio.gather(*(one_client(n) for n in range(clients)))
     return latencies
 
 
-def http_rounds(base: str, key: str | None, clients: int, total: int) -> list[float]:
-    return asyncio.run(http_run(base, key, clients, total))
+def http_rounds(base: str, keys: list[str] | None, clients: int, total: int) -> list[float]:
+    return asyncio.run(http_run(base, keys, clients, total))
 
 
 def engine_run(engine, version, clients: int, total: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -297,7 +304,7 @@ def _table(
 
 
 def main() -> None:
-    key = setup()
+    keys = setup()
     version = Deployment.objects.get(alias=ALIAS).primary_version
     port = free_port()
     worker_logs = [VAR / f"bench-api-worker{i}.log" for i in range(WORKERS)]
@@ -367,14 +374,14 @@ def main() -> None:
         bare_base = f"http://127.0.0.1:{direct_port}"
         # Warm-up: each worker loads the model, each web process its code.
         warm = 2 * max(WORKERS, WEB_PROCESSES)
-        asyncio.run(http_run(base, key, warm, 5 * warm))
+        asyncio.run(http_run(base, keys, max(warm, USERS), 5 * max(warm, USERS)))
         asyncio.run(http_run(bare_base, None, 2, 10))
         engine_run(engine, version, 2, 10)
         for clients in LEVELS:
             total = REQUESTS.get(clients, 100)
             for share in _rounds(total, clients):
                 api[clients] += meter.measure(
-                    "API", clients, share, http_rounds, base, key, clients, share
+                    "API", clients, share, http_rounds, base, keys, clients, share
                 )
                 direct[clients] += meter.measure(
                     "engine in process", clients, share, engine_run, engine, version, clients, share
@@ -396,7 +403,7 @@ def main() -> None:
     model = os.environ.get("BENCH_MODEL_DIR") or "SmolLM2-135M-Instruct"
     print(
         f"# model: {model}; workers: {WORKERS} x {WORKER_THREADS} threads; "
-        f"web: {WEB_PROCESSES} uvicorn process(es)"
+        f"web: {WEB_PROCESSES} uvicorn process(es); users: {USERS}"
     )
     print()
     print("Baseline: the engine in this process (`Engine.generate`), no HTTP.")
