@@ -28,7 +28,8 @@ worker has as many task threads as `make up` gives it (`ENGINE_MAX_BATCH`, 8 by 
 `BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` (uvicorn's
 own setting) that many web processes for the API; the bare endpoint stays one process.
 `BENCH_USERS` spreads the clients over that many users (default 1), each with its own key and
-budget: one user's requests wait for each other on the user's budget row.
+budget: one user's requests wait for each other on the user's budget row. `BENCH_PG_WAITS=1`
+adds a table of what PostgreSQL's backends waited on during the API's rounds.
 """
 
 import asyncio
@@ -39,6 +40,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +86,7 @@ WORKER_THREADS = default_concurrency()
 WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 # Each with a key and a daily budget of its own; client i uses user i modulo this.
 USERS = int(os.environ.get("BENCH_USERS", "1"))
+PG_WAITS = os.environ.get("BENCH_PG_WAITS") == "1"
 # A line per request from the client library would cost this process time in the API's and the
 # bare endpoint's rounds alike.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -250,6 +253,51 @@ def _cpu_seconds(roles: dict[int, str]) -> Counter[str]:
     return used
 
 
+class PgWaits:
+    """What PostgreSQL's busy client backends wait on, sampled every 5 ms from a thread of this
+    process while the API's rounds run (`BENCH_PG_WAITS=1`; the sampling's CPU counts as this
+    process's). A lock wait is shown with the start of the statement that waits."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        import psycopg
+
+        with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'running'), "
+                    "left(query, 60) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ).fetchall()
+                self.samples += 1
+                for wait, query in rows:
+                    self.counts[(wait, query if wait.startswith("Lock:") else "")] += 1
+                time.sleep(0.005)
+
+    def measure(self, run, *args):  # type: ignore[no-untyped-def]
+        if not self.enabled:
+            return run(*args)
+        self._stop.clear()
+        thread = threading.Thread(target=self._sample, daemon=True)
+        thread.start()
+        try:
+            return run(*args)
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def table(self) -> None:
+        print("| wait | busy backends on average | statement (lock waits) |")
+        print("| --- | ---: | --- |")
+        for (wait, query), n in self.counts.most_common(8):
+            print(f"| {wait} | {n / max(1, self.samples):.3f} | {query} |")
+
+
 class CpuMeter:
     """CPU ms per request, by role, of each kind of round at each level."""
 
@@ -370,6 +418,7 @@ def main() -> None:
             for child in psutil.Process(pid).children(recursive=True):
                 roles.setdefault(child.pid, role)
         meter = CpuMeter(roles)
+        waits = PgWaits(PG_WAITS)
         base = f"http://127.0.0.1:{port}"
         bare_base = f"http://127.0.0.1:{direct_port}"
         # Warm-up: each worker loads the model, each web process its code.
@@ -381,7 +430,7 @@ def main() -> None:
             total = REQUESTS.get(clients, 100)
             for share in _rounds(total, clients):
                 api[clients] += meter.measure(
-                    "API", clients, share, http_rounds, base, keys, clients, share
+                    "API", clients, share, waits.measure, http_rounds, base, keys, clients, share
                 )
                 direct[clients] += meter.measure(
                     "engine in process", clients, share, engine_run, engine, version, clients, share
@@ -433,6 +482,11 @@ def main() -> None:
     }
     for name, median, p95 in stages(LEVELS[0]):
         print(f"| {labels[name]} | {median:.1f} | {p95:.1f} |")
+    if waits.enabled:
+        print()
+        print(f"PostgreSQL's waits during the API's rounds ({waits.samples} samples, all levels):")
+        print()
+        waits.table()
 
 
 if __name__ == "__main__":
