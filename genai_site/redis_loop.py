@@ -8,7 +8,7 @@ than a GET takes), and one client serves any number of coroutines of its loop, e
 a connection of its own from the pool.
 
 A server runs one loop for its life; `async_to_sync` outside one (tests, management commands)
-makes a loop per call. The pools of loops that have closed are dropped at the next call.
+makes a loop per call. The clients of loops that have closed are dropped at the next call.
 """
 
 import asyncio
