@@ -1,12 +1,17 @@
-"""The shared Redis clients: the cache's, one per pool, and the event loop's, one per loop and
-purpose. Shared between threads (the cache) and coroutines (the loop's), against real Redis."""
+"""The shared Redis clients: the cache's, one per pool, the event loop's, one per loop and
+purpose, and the Celery broker channel's. Shared between threads (the cache) and coroutines
+(the loop's), against real Redis."""
 
 import asyncio
 import threading
 import uuid
 
+import pytest
+import redis
 from django.core.cache import cache
 
+from genai_site.broker import Channel
+from genai_site.celery import app
 from genai_site.redis_loop import redis_loop_client
 
 
@@ -56,3 +61,36 @@ def test_a_loop_keeps_one_client_per_purpose_and_a_new_loop_gets_its_own() -> No
     assert values == [b"v"] * 20
     second_loop, _, _ = asyncio.run(on_one_loop())
     assert second_loop is not first_loop
+
+
+def test_the_broker_channel_publishes_and_delivers_with_the_client_it_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[object] = []
+    real_init = redis.Redis.__init__
+
+    def counted(self: redis.Redis, *args: object, **kwargs: object) -> None:
+        made.append(self)
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    queue_name = f"broker-test-{uuid.uuid4().hex}"
+    with app.connection_for_write() as connection:
+        queue = connection.SimpleQueue(queue_name, no_ack=False)
+        try:
+            assert isinstance(queue.channel, Channel)
+            queue.put({"n": -1})
+            queue.get(timeout=5).ack()
+            monkeypatch.setattr(redis.Redis, "__init__", counted)
+            for n in range(20):
+                queue.put({"n": n})
+            received = []
+            for _ in range(20):
+                message = queue.get(timeout=5)
+                received.append(message.payload["n"])
+                message.ack()
+            assert received == list(range(20))
+            assert made == []
+        finally:
+            monkeypatch.undo()
+            queue.channel.queue_delete(queue_name)  # type: ignore[attr-defined]
+            queue.close()
