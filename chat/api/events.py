@@ -42,9 +42,15 @@ SETTLED_FIELDS = (
 )
 
 
-def job_end_event(settled: dict[str, Any]) -> dict[str, Any]:
+def job_end_event(
+    settled: dict[str, Any], *, answered: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The `end` event of a job the worker settled with these fields: a caller waiting on the
-    job answers from them without reading the row again."""
+    job answers from them without reading the row again.
+
+    `answered` goes with an answer sent before its settle committed (`chat.api.generation`):
+    what a later run needs to settle the job as that answer, should this run's worker stop
+    first (the answering run, the version that answered, which cache, if any, answered)."""
     return {
         "type": "end",
         "status": str(settled["status"]),
@@ -54,6 +60,7 @@ def job_end_event(settled: dict[str, Any]) -> dict[str, Any]:
             "status": str(settled["status"]),
             "finished_at": settled["finished_at"].isoformat(),
         },
+        **({"answered": answered} if answered is not None else {}),
     }
 
 
@@ -73,6 +80,17 @@ def job_event_publish(public_id: str, event: dict[str, Any]) -> None:
     pipe.xadd(key, {"e": json.dumps(event)})
     pipe.expire(key, _STREAM_TTL_SECONDS)
     pipe.execute()
+
+
+def job_answer_sent(public_id: str) -> dict[str, Any] | None:
+    """The `end` event that gave the job's waiting caller its answer before the job was
+    settled, if there is one in the stream (see `job_end_event`)."""
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = _client().xrevrange(_key(public_id))  # type: ignore[assignment]
+    for _, fields in entries:
+        event = json.loads(fields[b"e"])
+        if event.get("type") == "end":
+            return event if "answered" in event and job_settled(event) is not None else None
+    return None
 
 
 async def job_events_read(

@@ -6,6 +6,12 @@ job whose worker died is run again: a program waiting on it has no Retry button.
 queues it again once the dead worker's lease has lapsed (`jobs_requeue_stale`), and the broker
 would redeliver its task after the visibility timeout in any case (acks_late). Each claim bumps
 `run`, and only the run that claimed last may settle, so the job completes once.
+
+A caller waiting for the whole answer (a non-streamed completion) gets it as soon as the run
+has taken the job's row for its settle: the budget, the audit and the commit follow, off the
+caller's path. Should the worker stop before that commit, the run that takes the job over finds
+the answer in the job's event stream and settles the job as the answer the caller received,
+without generating again.
 """
 
 import logging
@@ -17,7 +23,7 @@ from django.core.cache import cache
 from django.db import connection, transaction
 from django.utils import timezone
 
-from chat.api.events import job_end_event, job_event_publish
+from chat.api.events import job_answer_sent, job_end_event, job_event_publish, job_settled
 from chat.api.review import job_review_queue
 from chat.api.services import enqueue_job, job_cancel_key, job_lease_key
 from chat.leases import HeartbeatLease
@@ -38,7 +44,7 @@ from chat.serving import (
 from genai_site.config_cache import config_snapshot
 from genai_site.rows import quote, row_columns, row_load, row_update
 from governance.audit import audit_record
-from governance.budgets import budget_release
+from governance.budgets import budget_release, budget_settle
 from governance.holds import safety_hold_create
 from governance.models import SafetyHold
 from governance.safety.policy import safety_output_pipeline
@@ -117,7 +123,13 @@ def job_generate(*, job_id: int, deployment_id: int | None = None, public_id: st
         if job is None:
             logger.info("Job %s is no longer waiting to run", public_id)
             return
-        _generate(job, deployment_id)
+        sent = None
+        if job.run > 1 and not job.request.get("progress", True):
+            sent = job_answer_sent(public_id)
+        if sent is not None:
+            _settle_sent(job, sent)
+        else:
+            _generate(job, deployment_id)
     cache.delete(job_cancel_key(public_id))
 
 
@@ -313,6 +325,13 @@ def _settle(
         "completion_tokens": result.completion_tokens,
         "finished_at": timezone.now(),
     }
+    # A caller waiting for the whole answer reads only the end event: it is sent once the
+    # row is this run's (locked by the update below), before the books are written.
+    answer_first = (
+        not job.request.get("progress", True)
+        and outcome.fate == Fate.COMPLETE
+        and outcome.review is None
+    )
     with transaction.atomic():
         # Only if this run still holds the job: a redelivered task that claimed it since has
         # the last word. The version that answered: a fallback's, when the routed one could not.
@@ -325,6 +344,9 @@ def _settle(
         )
         if not saved:
             return
+        if answer_first:
+            answered = {"run": job.run, "model_version_id": version.pk, "cache": result.cache}
+            job_event_publish(job.public_id, job_end_event(settled, answered=answered))
         if outcome.fate in (Fate.HELD, Fate.BLOCKED):
             # The exact cache took the answer as the model gave it, before the filters and
             # the review policies had their say: an answer no caller may see is not reused.
@@ -383,4 +405,51 @@ def _settle(
                 primary_latency_ms=served.latency_s * 1000,
                 primary_ttft_ms=result.time_to_first_token_s * 1000,
             )
-        transaction.on_commit(partial(job_event_publish, job.public_id, job_end_event(settled)))
+        if not answer_first:
+            transaction.on_commit(partial(job_event_publish, job.public_id, job_end_event(settled)))
+
+
+def _settle_sent(job: Job, end: dict[str, Any]) -> None:
+    """Settle the job as the answer an earlier run sent its caller before that run's worker
+    stopped: the row, the budget and the audit record what the caller received."""
+    settled, answered = job_settled(end), end["answered"]
+    assert settled is not None
+    version = model_version_get(pk=answered["model_version_id"])
+    with transaction.atomic():
+        saved = row_update(
+            Job,
+            {**settled, "model_version_id": answered["model_version_id"]},
+            id=job.pk,
+            run=job.run,
+            status=Job.Status.RUNNING,
+        )
+        if not saved:
+            return
+        # As `usage_settle` charges: an answer from a response cache took no model time.
+        charged = not answered["cache"]
+        cost = (
+            budget_settle(
+                reservation_id=job.reservation_id,
+                input_tokens=settled["prompt_tokens"] if charged else 0,
+                output_tokens=settled["completion_tokens"] if charged else 0,
+            )
+            if job.reservation_id
+            else None
+        )
+        audit_record(
+            actor=None,
+            action="job.generated",
+            target_type="job",
+            target_id=job.public_id,
+            details={
+                "model_version": str(version),
+                "run": job.run,
+                "answered_by_run": answered["run"],
+                "prompt_tokens": settled["prompt_tokens"],
+                "completion_tokens": settled["completion_tokens"],
+                "finish_reason": settled["finish_reason"],
+                "cache": answered["cache"] or None,
+                "cost": str(cost) if cost is not None else None,
+            },
+        )
+    logger.info("Job %s settled as the answer run %s sent", job.public_id, answered["run"])

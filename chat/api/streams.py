@@ -55,8 +55,9 @@ async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
 
 async def job_wait(job: Job) -> Job:
     """The job once it has ended, or as it is after API_WAIT_SECONDS. A worker's end event
-    carries the fields it settled (after they were committed): the job is answered from them
-    without reading its row again."""
+    carries the fields it settles: the job is answered from them without reading its row
+    again. (For a caller that waits for the whole answer, the worker sends them before its
+    settle commits; see `chat.api.generation`.)"""
 
     async def until_end() -> dict[str, Any] | None:
         async with aclosing(job_progress(job)) as progress:

@@ -1,4 +1,5 @@
-"""A job whose worker dies mid-answer is delivered again (acks_late) and completes once."""
+"""A job whose worker dies mid-answer is delivered again (acks_late) and completes once; one
+whose worker stopped after answering its waiting caller is settled as that answer."""
 
 import os
 import signal
@@ -8,7 +9,9 @@ import time
 import pytest
 from django.core.cache import cache
 from django.db import transaction
+from django.utils import timezone
 
+from chat.api.events import job_answer_sent, job_end_event, job_event_publish
 from chat.api.generation import jobs_requeue_stale
 from chat.api.services import job_lease_key, job_submit
 from chat.models import Job
@@ -149,3 +152,76 @@ def test_a_job_whose_worker_died_is_queued_again_by_the_sweep_and_completes_once
     assert generated.count() == 1 and generated.get().details["run"] == 2
     assert QuotaReservation.objects.get(pk=job.reservation_id or 0).status == "settled"
     assert jobs_requeue_stale() == 0
+
+
+def _final(job: Job, seconds: float = 240) -> Job:
+    deadline = time.monotonic() + seconds
+    while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
+        assert time.monotonic() < deadline, f"the job never finished (run {job.run})"
+        time.sleep(0.2)
+    return job
+
+
+def test_a_waiting_caller_has_the_answer_before_the_books_are_written(chat_model) -> None:  # type: ignore[no-untyped-def]
+    job = job_submit(
+        api_key=api_key_for("prog")[0],
+        body={"model": "chat-default", "messages": [{"role": "user", "content": "Hello"}]},
+        progress=False,
+    )
+    # The settle charges the answer to its reservation: held here, the settle cannot commit.
+    with transaction.atomic():
+        QuotaReservation.objects.select_for_update().get(pk=job.reservation_id or 0)
+        deadline = time.monotonic() + 120
+        while (sent := job_answer_sent(job.public_id)) is None:
+            assert time.monotonic() < deadline, "the caller got no answer while the books waited"
+            time.sleep(0.05)
+        assert Job.objects.get(pk=job.pk).status == "running"
+    assert sent["answered"]["run"] == 1 and sent["settled"]["content"]
+
+    job = _final(job, 60)
+    assert job.status == "completed" and job.run == 1
+    assert job.content == sent["settled"]["content"]
+    assert job.completion_tokens == sent["settled"]["completion_tokens"]
+    generated = AuditEvent.objects.get(action="job.generated", target_id=job.public_id)
+    assert generated.details["run"] == 1 and "answered_by_run" not in generated.details
+    assert QuotaReservation.objects.get(pk=job.reservation_id or 0).status == "settled"
+
+
+def test_a_job_whose_worker_stopped_after_answering_is_settled_as_that_answer(
+    chat_model,
+) -> None:  # type: ignore[no-untyped-def]
+    # Nobody serves this queue: the first delivery waits there, and this test plays its run.
+    Deployment.objects.update(queue=f"{TEST_QUEUE}-answered")
+    job = job_submit(
+        api_key=api_key_for("prog")[0],
+        body={"model": "chat-default", "messages": [{"role": "user", "content": "Hello"}]},
+        progress=False,
+    )
+    # Run 1 took the job and sent its caller the answer, and its worker stopped before the
+    # settle committed: the row is still running, and no lease is left.
+    Job.objects.filter(pk=job.pk).update(status="running", run=1, started_at=timezone.now())
+    settled = {
+        "status": Job.Status.COMPLETED,
+        "content": "The answer the caller received.",
+        "error": "",
+        "finish_reason": "stop",
+        "prompt_tokens": 31,
+        "completion_tokens": 7,
+        "finished_at": timezone.now(),
+    }
+    answered = {"run": 1, "model_version_id": chat_model.pk, "cache": ""}
+    job_event_publish(job.public_id, job_end_event(settled, answered=answered))
+
+    # The sweep queues it again, now on the suite's worker, which settles it without a model.
+    Deployment.objects.update(queue=TEST_QUEUE)
+    assert jobs_requeue_stale() == 1
+    job = _final(job, 60)
+
+    assert job.status == "completed" and job.run == 2
+    assert (job.content, job.finish_reason) == ("The answer the caller received.", "stop")
+    assert (job.prompt_tokens, job.completion_tokens) == (31, 7)
+    generated = AuditEvent.objects.get(action="job.generated", target_id=job.public_id)
+    assert generated.details["run"] == 2 and generated.details["answered_by_run"] == 1
+    assert generated.details["completion_tokens"] == 7
+    reservation = QuotaReservation.objects.get(pk=job.reservation_id or 0)
+    assert reservation.status == "settled" and reservation.settled_tokens == 38
