@@ -1,11 +1,13 @@
 """Keys and clients for the /v1 API tests."""
 
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 
+from chat.models import Job
 from governance.api_keys import api_key_create
 from governance.models import ApiKey
 from tests.factories import user_create
@@ -57,3 +59,14 @@ def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:  # type:
         elif line.startswith("data: "):
             yield name, json.loads(line[len("data: ") :])
             name = "message"
+
+
+def job_once_settled(public_id: str, timeout: float = 30) -> Job:
+    """The job of a completion that was just answered, once its settle has committed: a
+    non-streamed answer reaches its caller before the worker writes the row, the budget and
+    the audit (chat.api.generation)."""
+    deadline = time.monotonic() + timeout
+    while (job := Job.objects.get(public_id=public_id)).status in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {public_id} was never settled"
+        time.sleep(0.05)
+    return job

@@ -31,7 +31,7 @@ from governance.review_queue import (
 )
 from governance.review_targets import review_target_get
 from models_admin.models import Deployment
-from tests.chat.api_helpers import http, key_for, sdk, sse_events
+from tests.chat.api_helpers import http, job_once_settled, key_for, sdk, sse_events
 from tests.factories import user_create
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_model")]
@@ -52,7 +52,7 @@ def test_a_completion_through_the_sdk_answers_with_usage_and_is_audited(
 
     assert "Paris" in (completion.choices[0].message.content or "")
     assert completion.choices[0].finish_reason in ("stop", "length")
-    job = Job.objects.get(public_id=completion.id)
+    job = job_once_settled(completion.id)
     assert job.status == "completed" and job.user.username == "ada"
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == job.prompt_tokens

@@ -18,7 +18,7 @@ from governance.review_queue import (
     review_item_decide,
 )
 from models_admin.models import Deployment
-from tests.chat.api_helpers import http, key_for
+from tests.chat.api_helpers import http, job_once_settled, key_for
 from tests.chat.test_fallback_and_shadow import primary_down_with_fallback
 from tests.factories import user_create
 from tests.models_admin.test_response_cache_and_metrics import exact_cache_on_and_empty
@@ -46,7 +46,7 @@ def test_a_job_falls_back_when_its_primary_is_down(live_asgi_server: str, chat_m
         )
     assert response.status_code == 200, response.text
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
-    job = Job.objects.get(public_id=response.json()["id"])
+    job = job_once_settled(response.json()["id"])
     assert job.model_version_id == chat_model.pk, "the fallback answered and is recorded"
     event = AuditEvent.objects.get(action="job.generated", target_id=job.public_id)
     assert event.details["routed_to"] == str(primary)
