@@ -15,6 +15,7 @@ without generating again.
 """
 
 import logging
+from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -375,25 +376,17 @@ def _settle(
                 mean_logprob=result.mean_logprob,
             ).pk
         cost = usage_settle(reservation_id=job.reservation_id, result=result)
-        audit_record(
-            actor=None,
-            action="job.generated",
-            target_type="job",
-            target_id=job.public_id,
-            details={
-                "model_version": str(version),
-                **({"routed_to": str(chosen)} if version != chosen else {}),
-                **({"targets": served.attempts} if len(served.attempts) > 1 else {}),
-                "run": job.run,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "finish_reason": finish_reason,
-                "cache": result.cache or None,
-                **({"safety": outcome.verdict.summary()} if outcome.verdict.trips else {}),
-                **({"hold": hold_id} if hold_id else {}),
-                **({"review_item": review_item_id} if review_item_id else {}),
-                "cost": str(cost) if cost is not None else None,
-            },
+        _generated_audit(
+            job,
+            version,
+            settled,
+            cache=result.cache,
+            cost=cost,
+            **({"routed_to": str(chosen)} if version != chosen else {}),
+            **({"targets": served.attempts} if len(served.attempts) > 1 else {}),
+            **({"safety": outcome.verdict.summary()} if outcome.verdict.trips else {}),
+            **({"hold": hold_id} if hold_id else {}),
+            **({"review_item": review_item_id} if review_item_id else {}),
         )
         if deployment is not None and status == Job.Status.COMPLETED and not result.cache:
             shadow_request(
@@ -436,20 +429,40 @@ def _settle_sent(job: Job, end: dict[str, Any]) -> None:
             if job.reservation_id
             else None
         )
-        audit_record(
-            actor=None,
-            action="job.generated",
-            target_type="job",
-            target_id=job.public_id,
-            details={
-                "model_version": str(version),
-                "run": job.run,
-                "answered_by_run": answered["run"],
-                "prompt_tokens": settled["prompt_tokens"],
-                "completion_tokens": settled["completion_tokens"],
-                "finish_reason": settled["finish_reason"],
-                "cache": answered["cache"] or None,
-                "cost": str(cost) if cost is not None else None,
-            },
+        _generated_audit(
+            job,
+            version,
+            settled,
+            cache=answered["cache"],
+            cost=cost,
+            answered_by_run=answered["run"],
         )
     logger.info("Job %s settled as the answer run %s sent", job.public_id, answered["run"])
+
+
+def _generated_audit(
+    job: Job,
+    version: ModelVersion | None,
+    settled: dict[str, Any],
+    *,
+    cache: str,
+    cost: Decimal | None,
+    **more: Any,
+) -> None:
+    """Audit `job.generated`: the answer a job settled with, what it cost, and `more`."""
+    audit_record(
+        actor=None,
+        action="job.generated",
+        target_type="job",
+        target_id=job.public_id,
+        details={
+            "model_version": str(version),
+            "run": job.run,
+            "prompt_tokens": settled["prompt_tokens"],
+            "completion_tokens": settled["completion_tokens"],
+            "finish_reason": settled["finish_reason"],
+            "cache": cache or None,
+            **more,
+            "cost": str(cost) if cost is not None else None,
+        },
+    )
