@@ -17,7 +17,7 @@ from chat.api.services import job_lease_key, job_submit
 from chat.models import Job
 from governance.models import AuditEvent, QuotaReservation
 from models_admin.models import Deployment
-from tests.chat.api_helpers import api_key_for
+from tests.chat.api_helpers import api_key_for, job_once_settled
 from tests.conftest import ARTIFACTS, TEST_QUEUE, _start_worker, _stop, _wait
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -154,14 +154,6 @@ def test_a_job_whose_worker_died_is_queued_again_by_the_sweep_and_completes_once
     assert jobs_requeue_stale() == 0
 
 
-def _final(job: Job, seconds: float = 240) -> Job:
-    deadline = time.monotonic() + seconds
-    while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
-        assert time.monotonic() < deadline, f"the job never finished (run {job.run})"
-        time.sleep(0.2)
-    return job
-
-
 def test_a_waiting_caller_has_the_answer_before_the_books_are_written(chat_model) -> None:  # type: ignore[no-untyped-def]
     job = job_submit(
         api_key=api_key_for("prog")[0],
@@ -178,7 +170,7 @@ def test_a_waiting_caller_has_the_answer_before_the_books_are_written(chat_model
         assert Job.objects.get(pk=job.pk).status == "running"
     assert sent["answered"]["run"] == 1 and sent["settled"]["content"]
 
-    job = _final(job, 60)
+    job = job_once_settled(job.public_id, 60)
     assert job.status == "completed" and job.run == 1
     assert job.content == sent["settled"]["content"]
     assert job.completion_tokens == sent["settled"]["completion_tokens"]
@@ -215,7 +207,7 @@ def test_a_job_whose_worker_stopped_after_answering_is_settled_as_that_answer(
     # The sweep queues it again, now on the suite's worker, which settles it without a model.
     Deployment.objects.update(queue=TEST_QUEUE)
     assert jobs_requeue_stale() == 1
-    job = _final(job, 60)
+    job = job_once_settled(job.public_id, 60)
 
     assert job.status == "completed" and job.run == 2
     assert (job.content, job.finish_reason) == ("The answer the caller received.", "stop")
