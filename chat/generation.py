@@ -224,7 +224,12 @@ def _generate(answer: Message, attempt: int, deployment_id: int | None = None) -
                 mean_logprob=result.mean_logprob,
             ).pk
         citations_store(message_id=message_id, passages=built.passages)
-        cost = usage_settle(reservation_id=answer.reservation_id, result=result)
+        cost = usage_settle(
+            reservation_id=answer.reservation_id,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cache=result.cache,
+        )
         audit_record(
             actor=None,
             action="turn.generated",

@@ -242,13 +242,16 @@ def usage_observe(*, alias: str, version: object, outcome: str, result: Generati
     )
 
 
-def usage_settle(*, reservation_id: int | None, result: GenerationResult) -> Decimal | None:
-    """Charge the answer's tokens against its reservation; a cached answer spent no model
-    time and is not charged. Call inside the transaction that saves the answer."""
+def usage_settle(
+    *, reservation_id: int | None, prompt_tokens: int, completion_tokens: int, cache: str
+) -> Decimal | None:
+    """Charge the answer's tokens against its reservation; an answer from a response cache
+    (`cache` names it) spent no model time and is not charged. Call inside the transaction
+    that saves the answer."""
     if not reservation_id:
         return None
     return budget_settle(
         reservation_id=reservation_id,
-        input_tokens=0 if result.cache else result.prompt_tokens,
-        output_tokens=0 if result.cache else result.completion_tokens,
+        input_tokens=0 if cache else prompt_tokens,
+        output_tokens=0 if cache else completion_tokens,
     )

@@ -45,7 +45,7 @@ from chat.serving import (
 from genai_site.config_cache import config_snapshot
 from genai_site.rows import quote, row_columns, row_load, row_update
 from governance.audit import audit_record
-from governance.budgets import budget_release, budget_settle
+from governance.budgets import budget_release
 from governance.holds import safety_hold_create
 from governance.models import SafetyHold
 from governance.safety.policy import safety_output_pipeline
@@ -375,7 +375,12 @@ def _settle(
                 safety_hold=hold,
                 mean_logprob=result.mean_logprob,
             ).pk
-        cost = usage_settle(reservation_id=job.reservation_id, result=result)
+        cost = usage_settle(
+            reservation_id=job.reservation_id,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cache=result.cache,
+        )
         _generated_audit(
             job,
             version,
@@ -418,16 +423,11 @@ def _settle_sent(job: Job, end: dict[str, Any]) -> None:
         )
         if not saved:
             return
-        # As `usage_settle` charges: an answer from a response cache took no model time.
-        charged = not answered["cache"]
-        cost = (
-            budget_settle(
-                reservation_id=job.reservation_id,
-                input_tokens=settled["prompt_tokens"] if charged else 0,
-                output_tokens=settled["completion_tokens"] if charged else 0,
-            )
-            if job.reservation_id
-            else None
+        cost = usage_settle(
+            reservation_id=job.reservation_id,
+            prompt_tokens=settled["prompt_tokens"],
+            completion_tokens=settled["completion_tokens"],
+            cache=answered["cache"],
         )
         _generated_audit(
             job,
