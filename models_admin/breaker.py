@@ -6,11 +6,16 @@ half-open: after the cool-down one caller (the first to take the probe) may try;
 closes the breaker, failure opens it for another cool-down. Others are refused meanwhile.
 
 Each change is one Lua script, so two workers never both take the probe or lose a count.
+
+A call that found its breaker closed with no failure counted records no success (there is
+nothing to reset): a healthy model costs one Redis call per request, not two. A failure that
+another process counts while such a call runs is then reset only by the next call's success.
 """
 
 import logging
 import time
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import cache
 from typing import cast
 
@@ -26,10 +31,14 @@ OPEN = "open"
 HALF_OPEN = "half-open"
 
 
-# KEYS[1] state hash; ARGV: now, cooldown. Returns 1 when the call may go ahead.
+# KEYS[1] state hash; ARGV: now, cooldown. Returns a `Pass`: 2 when closed with no failure
+# counted, 1 when the call may go ahead otherwise, 0 when it may not.
 _ALLOW = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'closed' then return 1 end
+local state, failures = unpack(redis.call('HMGET', KEYS[1], 'state', 'failures'))
+if not state or state == 'closed' then
+  if tonumber(failures or '0') == 0 then return 2 end
+  return 1
+end
 local now = tonumber(ARGV[1])
 local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0')
 if state == 'open' then
@@ -57,6 +66,15 @@ end
 if state == 'closed' then redis.call('HSET', KEYS[1], 'state', 'closed') end
 return state
 """
+
+
+class Pass(IntEnum):
+    """`breaker_allow`'s answer; false only when the call may not go ahead."""
+
+    REFUSED = 0
+    ALLOWED = 1
+    # Closed, no failure counted: a success would change nothing, and is not recorded.
+    CLEAN = 2
 
 
 @dataclass(frozen=True)
@@ -91,13 +109,13 @@ def _client() -> redis.Redis:
 # breakers at all, rather than every model being refused.
 
 
-def breaker_allow(*, version_id: int, cooldown_s: float) -> bool:
+def breaker_allow(*, version_id: int, cooldown_s: float) -> Pass:
     try:
         allowed = _client().eval(_ALLOW, 1, _key(version_id), time.time(), cooldown_s)
     except redis.RedisError:
         logger.warning("Circuit breaker state unavailable; letting the call through")
-        return True
-    return bool(allowed)
+        return Pass.ALLOWED
+    return Pass(int(allowed))
 
 
 def breaker_record_failure(*, version_id: int, threshold: int) -> str:

@@ -25,7 +25,12 @@ from tenacity import (
 )
 
 from models_admin.backends import Backend, backend_for
-from models_admin.breaker import breaker_allow, breaker_record_failure, breaker_record_success
+from models_admin.breaker import (
+    Pass,
+    breaker_allow,
+    breaker_record_failure,
+    breaker_record_success,
+)
 from models_admin.engine import EngineError, GenerationResult
 from models_admin.models import ModelVersion
 
@@ -145,14 +150,24 @@ def _try_target(
     raise AssertionError("tenacity re-raises the last error")
 
 
-def _available(version: ModelVersion, attempts: list[dict[str, Any]]) -> bool:
+def _available(version: ModelVersion, attempts: list[dict[str, Any]], clean: set[int]) -> bool:
+    """May `version` be asked? Those whose breaker is closed with no failure counted go into
+    `clean`: their success need not be recorded."""
     if not version.can_serve:
         attempts.append({"version": version.pk, "outcome": "archived"})
         return False
-    if not breaker_allow(version_id=version.pk, cooldown_s=version.breaker_cooldown_s):
+    allowed = breaker_allow(version_id=version.pk, cooldown_s=version.breaker_cooldown_s)
+    if not allowed:
         attempts.append({"version": version.pk, "outcome": "breaker open"})
         return False
+    if allowed == Pass.CLEAN:
+        clean.add(version.pk)
     return True
+
+
+def _succeeded(version: ModelVersion, clean: set[int]) -> None:
+    if version.pk not in clean:
+        breaker_record_success(version_id=version.pk)
 
 
 def serve_resilient(
@@ -173,12 +188,15 @@ def serve_resilient(
             sent.append(True)
         on_text(delta)
 
-    queue = [v for v in targets if _available(v, attempts)]
+    clean: set[int] = set()
+    queue = [v for v in targets if _available(v, attempts, clean)]
     while queue:
         version = queue.pop(0)
         hedge = queue[0] if queue and hedge_after_ms is not None else None
         if hedge is not None and _remote(version) and _remote(hedge):
-            outcome = _serve_hedged(version, hedge, run, forward, cancelled, hedge_after_ms or 0)
+            outcome = _serve_hedged(
+                version, hedge, run, forward, cancelled, hedge_after_ms or 0, clean
+            )
             attempts.extend(outcome.attempts)
             if outcome.hedged:
                 queue.pop(0)
@@ -191,7 +209,7 @@ def serve_resilient(
                 logger.warning("%s could not answer: %s", version, exc)
                 attempts.append({"version": version.pk, "outcome": "failed", "error": str(exc)})
             else:
-                breaker_record_success(version_id=version.pk)
+                _succeeded(version, clean)
                 attempts.append({"version": version.pk, "outcome": "served"})
                 return Served(result, version, attempts, time.monotonic() - started)
         if sent or cancelled():
@@ -231,6 +249,7 @@ def _serve_hedged(
     on_text: Callable[[str], None],
     cancelled: Callable[[], bool],
     delay_ms: int,
+    clean: set[int],
 ) -> _HedgeOutcome:
     """`first`, and `second` too if `first` has no token after `delay_ms`; first token wins.
 
@@ -285,7 +304,7 @@ def _serve_hedged(
             attempts.append({"version": version.pk, "outcome": "cancelled (hedge lost)"})
         elif isinstance(outcome, GenerationResult):
             result, served = outcome, version
-            breaker_record_success(version_id=version.pk)
+            _succeeded(version, clean)
             attempts.append({"version": version.pk, "outcome": "served"})
         else:
             attempts.append({"version": version.pk, "outcome": "failed", "error": str(outcome)})

@@ -6,7 +6,14 @@ import sys
 import time
 from pathlib import Path
 
-from models_admin.breaker import breaker_reset, breaker_state
+from models_admin.breaker import (
+    Pass,
+    breaker_allow,
+    breaker_record_failure,
+    breaker_record_success,
+    breaker_reset,
+    breaker_state,
+)
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 # A process takes seconds to start on a loaded machine: the checks that it is still open pass a
@@ -66,5 +73,19 @@ def test_the_breaker_opens_half_opens_and_closes_across_two_processes(
     assert a("allow", version_id, SHORT) == "allowed"
     assert a("succeed", version_id) == "closed", "a successful probe closes it"
     assert b("allow", version_id) == "allowed"
+    assert breaker_state(version_id=version_id).failures == 0
+    breaker_reset(version_id=version_id)
+
+
+def test_a_call_through_a_clean_breaker_has_no_success_to_record() -> None:
+    version_id = random.randint(10**6, 10**7)
+    breaker_reset(version_id=version_id)
+
+    assert breaker_allow(version_id=version_id, cooldown_s=LONG) is Pass.CLEAN
+    breaker_record_failure(version_id=version_id, threshold=3)
+    allowed = breaker_allow(version_id=version_id, cooldown_s=LONG)
+    assert allowed is Pass.ALLOWED, "a failure is counted: the next success must reset it"
+    breaker_record_success(version_id=version_id)
+    assert breaker_allow(version_id=version_id, cooldown_s=LONG) is Pass.CLEAN
     assert breaker_state(version_id=version_id).failures == 0
     breaker_reset(version_id=version_id)
