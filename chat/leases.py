@@ -1,7 +1,9 @@
 """A Redis lease that says "this work is being done" for as long as its worker process lives.
 
-A heartbeat thread renews it, so long waits (loading a model, a queue for the engine) are
-covered too; when the process dies the key expires, and whoever reaps stale work can tell.
+A heartbeat renews it, so long waits (loading a model, a queue for the engine) are covered too;
+when the process dies the key expires, and whoever reaps stale work can tell. One heartbeat
+thread per process renews every lease the process holds, in one Redis call: a lease costs no
+thread of its own to start and stop with each piece of work.
 
 A delivery that finds the lease taken waits for it up to one TTL and a beat. A redelivery of
 work whose worker died can come before that worker's lease has lapsed, and it must take the
@@ -10,12 +12,80 @@ lapses within that wait, and the duplicate gives up.
 """
 
 import logging
+import os
 import threading
 import time
+from collections import defaultdict
 
 from django.core.cache import cache
 
 logger = logging.getLogger(__name__)
+
+
+class _Heartbeat:
+    """The process's heartbeat thread and the leases it renews (key -> TTL in seconds)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+        # Held while renewing: a lease let go waits for a renewal in flight, so that the
+        # renewal cannot set the key again after the holder has deleted it.
+        self.renewing = threading.Lock()
+        self.changed = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.pid = 0
+
+    def add(self, key: str, ttl: int) -> None:
+        with self.changed:
+            self.held[key] = ttl
+            # A thread started before a fork does not run in the child.
+            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
+                self.pid = os.getpid()
+                self.thread = threading.Thread(
+                    target=self._run, name="lease-heartbeat", daemon=True
+                )
+                self.thread.start()
+            self.changed.notify()
+
+    def remove(self, key: str) -> None:
+        with self.renewing, self.changed:
+            self.held.pop(key, None)
+
+    def _run(self) -> None:
+        due: dict[str, float] = {}
+        while True:
+            with self.changed:
+                now = time.monotonic()
+                for key, ttl in self.held.items():
+                    due.setdefault(key, now + ttl / 4)
+                for key in [k for k in due if k not in self.held]:
+                    del due[key]
+                wait = min(due.values(), default=now + 60) - now
+                if wait > 0:
+                    self.changed.wait(wait)
+                    continue
+            self._renew(due)
+
+    def _renew(self, due: dict[str, float]) -> None:
+        with self.renewing:
+            with self.changed:
+                held = list(self.held.items())
+            now = time.monotonic()
+            by_ttl: dict[int, list[str]] = defaultdict(list)
+            for key, ttl in held:
+                if due.get(key, now) <= now:
+                    by_ttl[ttl].append(key)
+                    due[key] = now + ttl / 4
+            for ttl, keys in by_ttl.items():
+                try:
+                    cache.set_many(dict.fromkeys(keys, 1), timeout=ttl)
+                except Exception:
+                    # Redis away for a moment: the next beat sets the leases again. A lease
+                    # that lapses meanwhile lets another delivery take the work; the claims
+                    # see to it that the work still completes once.
+                    logger.warning("Could not renew %d lease(s); trying again", len(keys))
+
+
+_heartbeat = _Heartbeat()
 
 
 class HeartbeatLease:
@@ -23,18 +93,6 @@ class HeartbeatLease:
         self.key = key
         self.ttl = ttl_seconds
         self.held = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.ttl / 4):
-            try:
-                cache.set(self.key, 1, timeout=self.ttl)
-            except Exception:
-                # Redis away for a moment: the next beat sets the lease again. A lease that
-                # lapses meanwhile lets another delivery take the work; the claims see to it
-                # that the work still completes once.
-                logger.warning("Could not renew the lease %s; trying again", self.key)
 
     def __enter__(self) -> "HeartbeatLease":
         # add() only succeeds when no live worker holds the lease.
@@ -46,11 +104,10 @@ class HeartbeatLease:
             time.sleep(min(self.ttl / 8, left))
         self.held = held
         if self.held:
-            self._thread.start()
+            _heartbeat.add(self.key, self.ttl)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.held:
-            self._done.set()
-            self._thread.join()
+            _heartbeat.remove(self.key)
             cache.delete(self.key)

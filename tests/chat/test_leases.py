@@ -9,6 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from chat.leases import HeartbeatLease
+from chat.leases import _heartbeat as heartbeat
 from tests.redis_server import RedisServer
 
 
@@ -59,6 +60,6 @@ def test_the_heartbeat_outlives_a_redis_outage_and_sets_the_lease_again(
             while cache.get(key) is None:
                 assert time.monotonic() < deadline, "the heartbeat stopped beating"
                 time.sleep(0.1)
-            assert lease._thread.is_alive()
+            assert heartbeat.thread is not None and heartbeat.thread.is_alive()
     finally:
         server.stop()
