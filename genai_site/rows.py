@@ -21,7 +21,9 @@ def quote(name: str) -> str:
 
 
 @functools.cache
-def _insert(model: type[models.Model]) -> tuple[str, list[models.Field]]:  # type: ignore[type-arg]
+def row_insert_sql(model: type[models.Model]) -> tuple[str, list[models.Field]]:  # type: ignore[type-arg]
+    """The INSERT of a new row of `model` (returning its id) and the fields its values are for
+    (`row_values`)."""
     pk = model._meta.pk
     assert pk is not None and isinstance(pk, models.AutoField), model
     fields = [f for f in model._meta.concrete_fields if not f.primary_key]
@@ -40,7 +42,7 @@ def row_values(obj: models.Model, fields: Sequence[models.Field]) -> list[Any]: 
 
 def row_insert(obj: M) -> M:
     """Insert a new instance, as `obj.save(force_insert=True)` does, and set its primary key."""
-    sql, fields = _insert(type(obj))
+    sql, fields = row_insert_sql(type(obj))
     values = row_values(obj, fields)
     with connection.cursor() as cursor:
         cursor.execute(sql, values)

@@ -6,7 +6,9 @@ transaction. PostgreSQL re-checks an UPDATE's WHERE clause against the row as th
 writer left it, so concurrent requests can never together pass a limit; if any budget refuses,
 the holds already taken are given back in the same transaction (no other transaction saw them:
 the rows stay locked until it ends, a refusal's too). Taking the rows in id order keeps two
-requests from deadlocking. These statements run on every request, so they are plain SQL
+requests from deadlocking. The holds are the reservation's last statements: each budget row
+stays locked from its hold until the caller's transaction commits, and the same user's other
+requests wait for it meanwhile. These statements run on every request, so they are plain SQL
 (`genai_site.rows`).
 """
 
@@ -20,7 +22,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from genai_site.rows import quote, row_insert
+from genai_site.rows import quote, row_insert_sql, row_stored, row_values
 from governance.limits import AppliedLimit, Subject, user_limit
 from governance.models import ApiKey, BudgetUsage, QuotaReservation, UsageLimit
 
@@ -238,7 +240,7 @@ def budget_reserve(
     ]
     refused: _Hold | None = None
     # Its own transaction when the caller has none; no savepoint when it has one: a budget
-    # that refuses gives back, in this same transaction, the holds already taken.
+    # that refuses gives back, in this same transaction, what was already written.
     with transaction.atomic(savepoint=False):
         ids = (
             _usages_find([(s, period, period_start(period, now)) for s, period, _, _ in wanted])
@@ -252,37 +254,48 @@ def budget_reserve(
             ),
             key=lambda h: h.usage_id,
         )
+        reservation = QuotaReservation(
+            user=user,
+            api_key=api_key,
+            tokens=tokens,
+            cost=cost,
+            price_input_per_1k=price_in,
+            price_output_per_1k=price_out,
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _RESERVE_SQL,
+                [*row_values(reservation, _RESERVATION_FIELDS), [h.usage_id for h in holds]],
+            )
+            reservation.pk = cursor.fetchone()[0]
         taken: list[_Hold] = []
         for hold in holds:
             if not _hold_take(hold, tokens=tokens, cost=cost):
                 refused = hold
                 break
             taken.append(hold)
-        if refused is not None:
-            for hold in taken:
-                _usage_move(hold.usage_id, tokens=-tokens, cost=-cost)
-        else:
-            reservation = row_insert(
-                QuotaReservation(
-                    user=user,
-                    api_key=api_key,
-                    tokens=tokens,
-                    cost=cost,
-                    price_input_per_1k=price_in,
-                    price_output_per_1k=price_out,
-                )
-            )
-            if holds:
-                with connection.cursor() as cursor:
-                    cursor.execute(_LINK_SQL, [reservation.pk, [h.usage_id for h in holds]])
-            return reservation
+        if refused is None:
+            return row_stored(reservation)
+        for hold in taken:
+            _usage_move(hold.usage_id, tokens=-tokens, cost=-cost)
+        with connection.cursor() as cursor:
+            cursor.execute(_UNRESERVE_SQL, {"id": reservation.pk})
     raise _exceeded(refused, tokens=tokens, cost=cost)
 
 
 _USAGES = QuotaReservation.usages.through._meta.db_table
-_LINK_SQL = (
-    f"INSERT INTO {quote(_USAGES)} (quotareservation_id, budgetusage_id) "
-    "SELECT %s, unnest(%s::bigint[])"
+_RESERVATION_INSERT, _RESERVATION_FIELDS = row_insert_sql(QuotaReservation)
+# The reservation and its links to the budget rows it will hold, in one statement.
+_RESERVE_SQL = (
+    f"WITH reservation AS ({_RESERVATION_INSERT}), "
+    f"linked AS (INSERT INTO {quote(_USAGES)} (quotareservation_id, budgetusage_id) "
+    "SELECT reservation.id, unnest(%s::bigint[]) FROM reservation) "
+    "SELECT id FROM reservation"
+)
+# A refused reservation is taken back, links and all, before anyone else could see it.
+_UNRESERVE_SQL = (
+    f"WITH unlinked AS (DELETE FROM {quote(_USAGES)} WHERE quotareservation_id = %(id)s) "
+    f"DELETE FROM {quote(QuotaReservation._meta.db_table)} WHERE id = %(id)s"
 )
 _MOVE_SQL = (
     f"UPDATE {quote(BudgetUsage._meta.db_table)} SET "
