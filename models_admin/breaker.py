@@ -111,11 +111,11 @@ def _client() -> redis.Redis:
 
 def breaker_allow(*, version_id: int, cooldown_s: float) -> Pass:
     try:
-        allowed = _client().eval(_ALLOW, 1, _key(version_id), time.time(), cooldown_s)
+        allowed = cast(int, _client().eval(_ALLOW, 1, _key(version_id), time.time(), cooldown_s))
     except redis.RedisError:
         logger.warning("Circuit breaker state unavailable; letting the call through")
         return Pass.ALLOWED
-    return Pass(int(allowed))
+    return Pass(allowed)
 
 
 def breaker_record_failure(*, version_id: int, threshold: int) -> str:
