@@ -23,7 +23,10 @@ platform's added latency follows the CPU its own code takes per request.
 
 `BENCH_CLIENTS` (default 1,10,50) and `BENCH_REQUESTS_1` choose the levels and the requests at one
 client; `BENCH_MODEL_DIR` serves a safetensors model directory instead of the default model (on a
-machine without its package, such as a GPU machine with a random-weight model of its shape). The
+machine without its package, such as a GPU machine with a random-weight model of its shape), and
+`BENCH_MODEL_DIR=tiny` a Llama of 2 layers and 64 dimensions with random weights and the default
+model's tokenizer: on a CPU machine, where the default model fills the cores, it answers in about
+a millisecond, so that the platform's own latency and CPU show at every level. The
 worker has as many task threads as `make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
 `BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` (uvicorn's
 own setting) that many web processes for the API; the bare endpoint stays one process.
@@ -36,6 +39,7 @@ import asyncio
 import logging
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -110,10 +114,44 @@ def _rounds(total: int, clients: int) -> list[int]:
     return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
+def _tiny_model() -> Path:
+    """A Llama of 2 layers, 64 wide, with random weights and the default model's tokenizer,
+    written once under the var directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    directory = VAR / "bench-models" / "tiny-2x64"
+    if (directory / "model.safetensors").exists():
+        return directory
+    tokenizer = artifact_dir(model_import_default(alias=f"{ALIAS}-default").artifact_path)
+    config = LlamaConfig(
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    for f in tokenizer.iterdir():
+        if f.is_file() and ("token" in f.name or f.name.endswith(".jinja")):
+            shutil.copy(f, directory / f.name)
+    return directory
+
+
 def setup() -> list[str]:
     # BENCH_MODEL_DIR: a safetensors model directory to serve instead of the default model (on
     # a machine without the default model's package; the answer's text does not matter here).
     model_dir = os.environ.get("BENCH_MODEL_DIR")
+    if model_dir == "tiny":
+        model_dir = str(_tiny_model())
     if model_dir:
         version = model_import(
             source=Path(model_dir),
