@@ -13,6 +13,7 @@ lapses within that wait, and the duplicate gives up.
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ class _Heartbeat:
     """The process's heartbeat thread and the leases it renews (key -> TTL in seconds)."""
 
     def __init__(self) -> None:
-        self.held: dict[str, int] = {}
+        self.held: dict[str, tuple[int, int]] = {}  # key -> (TTL, token)
         # Held while renewing: a lease let go waits for a renewal in flight, so that the
         # renewal cannot set the key again after the holder has deleted it.
         self.renewing = threading.Lock()
@@ -34,9 +35,9 @@ class _Heartbeat:
         self.thread: threading.Thread | None = None
         self.pid = 0
 
-    def add(self, key: str, ttl: int) -> None:
+    def add(self, key: str, ttl: int, token: int) -> None:
         with self.changed:
-            self.held[key] = ttl
+            self.held[key] = (ttl, token)
             # A thread started before a fork does not run in the child.
             if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
                 self.pid = os.getpid()
@@ -55,7 +56,7 @@ class _Heartbeat:
         while True:
             with self.changed:
                 now = time.monotonic()
-                for key, ttl in self.held.items():
+                for key, (ttl, _) in self.held.items():
                     due.setdefault(key, now + ttl / 4)
                 for key in [k for k in due if k not in self.held]:
                     del due[key]
@@ -70,14 +71,14 @@ class _Heartbeat:
             with self.changed:
                 held = list(self.held.items())
             now = time.monotonic()
-            by_ttl: dict[int, list[str]] = defaultdict(list)
-            for key, ttl in held:
+            by_ttl: dict[int, dict[str, int]] = defaultdict(dict)
+            for key, (ttl, token) in held:
                 if due.get(key, now) <= now:
-                    by_ttl[ttl].append(key)
+                    by_ttl[ttl][key] = token
                     due[key] = now + ttl / 4
             for ttl, keys in by_ttl.items():
                 try:
-                    cache.set_many(dict.fromkeys(keys, 1), timeout=ttl)
+                    cache.set_many(keys, timeout=ttl)
                 except Exception:
                     # Redis away for a moment: the next beat sets the leases again. A lease
                     # that lapses meanwhile lets another delivery take the work; the claims
@@ -89,22 +90,26 @@ _heartbeat = _Heartbeat()
 
 
 class HeartbeatLease:
+    """`key` holds `token`, this holder's own number, while the lease is held: a Redis script
+    can tell whether this holder still has it (`chat.api.events.job_event_publish_leased`)."""
+
     def __init__(self, *, key: str, ttl_seconds: int):
         self.key = key
         self.ttl = ttl_seconds
         self.held = False
+        self.token = secrets.randbits(62) + 1
 
     def __enter__(self) -> "HeartbeatLease":
         # add() only succeeds when no live worker holds the lease.
         deadline = time.monotonic() + self.ttl * 1.25
-        while not (held := cache.add(self.key, 1, timeout=self.ttl)):
+        while not (held := cache.add(self.key, self.token, timeout=self.ttl)):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             time.sleep(min(self.ttl / 8, left))
         self.held = held
         if self.held:
-            _heartbeat.add(self.key, self.ttl)
+            _heartbeat.add(self.key, self.ttl, self.token)
         return self
 
     def __exit__(self, *exc: object) -> None:

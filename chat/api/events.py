@@ -8,12 +8,16 @@ it began to listen) still reads every event, in order. Entries expire with the s
 import json
 from collections.abc import AsyncGenerator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from django.conf import settings
+from django.core.cache import cache
 
 from genai_site.redis_loop import redis_loop_client
+
+if TYPE_CHECKING:
+    from chat.leases import HeartbeatLease
 
 _STREAM_TTL_SECONDS = 3600
 _sync_client: redis.Redis | None = None
@@ -80,6 +84,34 @@ def job_event_publish(public_id: str, event: dict[str, Any]) -> None:
     pipe.xadd(key, {"e": json.dumps(event)})
     pipe.expire(key, _STREAM_TTL_SECONDS)
     pipe.execute()
+
+
+# KEYS: the lease (as the cache stores it), the job's stream; ARGV: the holder's token, the
+# event, the stream's TTL. Appends only while the lease holds that token.
+_PUBLISH_LEASED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+def job_event_publish_leased(
+    public_id: str, event: dict[str, Any], *, lease: "HeartbeatLease"
+) -> bool:
+    """Append `event` if `lease` is still held by its holder, in one Redis call; False, and
+    nothing appended, once the lease has lapsed or another delivery holds it. (The lease and
+    the stream are on the same Redis: the cache's location is REDIS_URL.)"""
+    sent = _client().eval(
+        _PUBLISH_LEASED,
+        2,
+        cache.make_and_validate_key(lease.key),
+        _key(public_id),
+        str(lease.token),
+        json.dumps(event),
+        _STREAM_TTL_SECONDS,
+    )
+    return bool(sent)
 
 
 def job_answer_sent(public_id: str) -> dict[str, Any] | None:

@@ -7,11 +7,13 @@ queues it again once the dead worker's lease has lapsed (`jobs_requeue_stale`), 
 would redeliver its task after the visibility timeout in any case (acks_late). Each claim bumps
 `run`, and only the run that claimed last may settle, so the job completes once.
 
-A caller waiting for the whole answer (a non-streamed completion) gets it as soon as the run
-has taken the job's row for its settle: the budget, the audit and the commit follow, off the
-caller's path. Should the worker stop before that commit, the run that takes the job over finds
-the answer in the job's event stream and settles the job as the answer the caller received,
-without generating again.
+A caller waiting for the whole answer (a non-streamed completion) gets it as soon as the model
+has answered: the run sends it in the same Redis call that checks that the run still holds the
+job's lease, and the job's row, the budget, the audit and the commit follow, off the caller's
+path. A run that has lost its lease sends nothing then: it sends the answer once it has taken
+the job's row for its settle, or not at all. Should the worker stop before that commit, the run
+that takes the job over (it must take the lease first) finds the answer in the job's event
+stream and settles the job as the answer the caller received, without generating again.
 """
 
 import logging
@@ -24,7 +26,13 @@ from django.core.cache import cache
 from django.db import connection, transaction
 from django.utils import timezone
 
-from chat.api.events import job_answer_sent, job_end_event, job_event_publish, job_settled
+from chat.api.events import (
+    job_answer_sent,
+    job_end_event,
+    job_event_publish,
+    job_event_publish_leased,
+    job_settled,
+)
 from chat.api.review import job_review_queue
 from chat.api.services import enqueue_job, job_cancel_key, job_lease_key
 from chat.leases import HeartbeatLease
@@ -130,7 +138,7 @@ def job_generate(*, job_id: int, deployment_id: int | None = None, public_id: st
         if sent is not None:
             _settle_sent(job, sent)
         else:
-            _generate(job, deployment_id)
+            _generate(job, deployment_id, lease)
     cache.delete(job_cancel_key(public_id))
 
 
@@ -217,7 +225,7 @@ _STATUS = {
 }
 
 
-def _generate(job: Job, deployment_id: int | None) -> None:
+def _generate(job: Job, deployment_id: int | None, lease: HeartbeatLease) -> None:
     request = job.request
     # A caller waiting for the whole answer (a non-streamed completion) reads only the end.
     progress = request.get("progress", True)
@@ -288,7 +296,7 @@ def _generate(job: Job, deployment_id: int | None) -> None:
         reason = str(exc) if isinstance(exc, EngineError) else "The model failed to answer."
         _fail(job, reason, "engine_error")
         return
-    _settle(job, publisher, served, chosen, deployment)
+    _settle(job, publisher, served, chosen, deployment, lease)
 
 
 def _settle(
@@ -297,6 +305,7 @@ def _settle(
     served: Served,
     chosen: ModelVersion,
     deployment: Deployment | None,
+    lease: HeartbeatLease,
 ) -> None:
     result, version = served.result, served.version
     deployment_id = deployment.pk if deployment is not None else None
@@ -326,13 +335,19 @@ def _settle(
         "completion_tokens": result.completion_tokens,
         "finished_at": timezone.now(),
     }
-    # A caller waiting for the whole answer reads only the end event: it is sent once the
-    # row is this run's (locked by the update below), before the books are written.
+    # A caller waiting for the whole answer reads only the end event: it is sent now if this
+    # run still holds the lease (no other run can have taken the job), else once the row is
+    # this run's (locked by the update below); in either case before the books are written.
     answer_first = (
         not job.request.get("progress", True)
         and outcome.fate == Fate.COMPLETE
         and outcome.review is None
     )
+    answer = None
+    if answer_first:
+        answered = {"run": job.run, "model_version_id": version.pk, "cache": result.cache}
+        answer = job_end_event(settled, answered=answered)
+    sent = answer is not None and job_event_publish_leased(job.public_id, answer, lease=lease)
     with transaction.atomic():
         # Only if this run still holds the job: a redelivered task that claimed it since has
         # the last word. The version that answered: a fallback's, when the routed one could not.
@@ -345,9 +360,8 @@ def _settle(
         )
         if not saved:
             return
-        if answer_first:
-            answered = {"run": job.run, "model_version_id": version.pk, "cache": result.cache}
-            job_event_publish(job.public_id, job_end_event(settled, answered=answered))
+        if answer is not None and not sent:
+            job_event_publish(job.public_id, answer)
         if outcome.fate in (Fate.HELD, Fate.BLOCKED):
             # The exact cache took the answer as the model gave it, before the filters and
             # the review policies had their say: an answer no caller may see is not reused.

@@ -5,15 +5,22 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from chat.api.events import job_answer_sent, job_end_event, job_event_publish
+from chat.api.events import (
+    job_answer_sent,
+    job_end_event,
+    job_event_publish,
+    job_event_publish_leased,
+)
 from chat.api.generation import jobs_requeue_stale
 from chat.api.services import job_lease_key, job_submit
+from chat.leases import HeartbeatLease
 from chat.models import Job
 from governance.models import AuditEvent, QuotaReservation
 from models_admin.models import Deployment
@@ -217,3 +224,27 @@ def test_a_job_whose_worker_stopped_after_answering_is_settled_as_that_answer(
     assert generated.details["completion_tokens"] == 7
     reservation = QuotaReservation.objects.get(pk=job.reservation_id or 0)
     assert reservation.status == "settled" and reservation.settled_tokens == 38
+
+
+def test_an_answer_goes_out_before_its_settle_only_while_its_run_holds_the_lease() -> None:
+    public_id = f"job_{uuid.uuid4().hex[:24]}"
+
+    def answer(run: int) -> dict:  # type: ignore[type-arg]
+        settled = {
+            "status": "completed",
+            "content": f"the answer of run {run}",
+            "error": "",
+            "finish_reason": "stop",
+            "prompt_tokens": 5,
+            "completion_tokens": 4,
+            "finished_at": timezone.now(),
+        }
+        return job_end_event(settled, answered={"run": run, "model_version_id": 1, "cache": ""})
+
+    with HeartbeatLease(key=job_lease_key(public_id), ttl_seconds=5) as lease:
+        assert job_event_publish_leased(public_id, answer(1), lease=lease)
+        # The lease lapsed and another delivery took it: this run may not answer any more.
+        cache.set(job_lease_key(public_id), lease.token + 1, timeout=5)
+        assert not job_event_publish_leased(public_id, answer(2), lease=lease)
+    sent = job_answer_sent(public_id)
+    assert sent is not None and sent["answered"]["run"] == 1
