@@ -39,7 +39,6 @@ import asyncio
 import logging
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -84,6 +83,15 @@ PROMPTS = [
     "Name three planets in the solar system.",
     "How do plants make food?",
 ]
+# BENCH_MODEL_DIR=tiny: the model's sizes.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 VAR = Path(settings.VAR_DIR)  # GENAI_VAR_DIR, where the launcher keeps its files
 # As many task threads as the engine has slots, as `make up` runs it.
 WORKER_THREADS = default_concurrency()
@@ -118,31 +126,14 @@ def _tiny_model() -> Path:
     """A Llama of 2 layers, 64 wide, with random weights and the default model's tokenizer,
     written once under the var directory."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    directory = VAR / "bench-models" / "tiny-2x64"
-    if (directory / "model.safetensors").exists():
-        return directory
-    tokenizer = artifact_dir(model_import_default(alias=f"{ALIAS}-default").artifact_path)
-    config = LlamaConfig(
-        vocab_size=49152,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    for f in tokenizer.iterdir():
-        if f.is_file() and ("token" in f.name or f.name.endswith(".jinja")):
-            shutil.copy(f, directory / f.name)
+    from bench.engine_gpu import random_llama
+
+    directory = VAR / "bench-models" / "tiny-random"
+    if not (directory / "model.safetensors").exists():
+        tokenizer = artifact_dir(model_import_default(alias=f"{ALIAS}-default").artifact_path)
+        torch.manual_seed(0)
+        random_llama(TINY, tokenizer, directory, device="cpu", dtype=torch.float32)
     return directory
 
 

@@ -71,7 +71,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 10 / (time.perf_counter() - t0)
 
 
-def build_model(name: str, tokenizer_dir: Path, root: Path) -> tuple[Path, int]:
+def random_llama(
+    sizes: dict[str, Any],
+    tokenizer_dir: Path,
+    directory: Path,
+    *,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """A Llama of `sizes` (SmolLM2's vocabulary) with random weights, saved in `directory` with
+    the tokenizer in `tokenizer_dir`; returns its parameter count."""
     settings: dict[str, Any] = {
         "vocab_size": 49152,
         "max_position_embeddings": 4096,
@@ -80,19 +89,22 @@ def build_model(name: str, tokenizer_dir: Path, root: Path) -> tuple[Path, int]:
         "rope_theta": 100000.0,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        **CONFIGS[name],
+        **sizes,
     }
     config = LlamaConfig(**settings)
     config.architectures = ["LlamaForCausalLM"]
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    directory = root / name.split()[0]
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(directory)
     for f in tokenizer_dir.iterdir():
         if f.is_file() and ("token" in f.name or f.name.endswith(".jinja")):
             shutil.copy(f, directory / f.name)
-    params = sum(p.numel() for p in model.parameters())
-    del model
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(name: str, tokenizer_dir: Path, root: Path) -> tuple[Path, int]:
+    directory = root / name.split()[0]
+    params = random_llama(CONFIGS[name], tokenizer_dir, directory)
     torch.cuda.empty_cache()
     return directory, params
 
