@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Heartbeat:
-    """The process's heartbeat thread and the leases it renews (key -> TTL in seconds)."""
+    """The process's heartbeat thread and the leases it renews."""
 
     def __init__(self) -> None:
         self.held: dict[str, tuple[int, int]] = {}  # key -> (TTL, token)
