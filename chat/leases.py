@@ -33,14 +33,11 @@ class _Heartbeat:
         self.renewing = threading.Lock()
         self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
-        self.pid = 0
 
     def add(self, key: str, ttl: int, token: int) -> None:
         with self.changed:
             self.held[key] = (ttl, token)
-            # A thread started before a fork does not run in the child.
-            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
-                self.pid = os.getpid()
+            if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(
                     target=self._run, name="lease-heartbeat", daemon=True
                 )
@@ -87,6 +84,16 @@ class _Heartbeat:
 
 
 _heartbeat = _Heartbeat()
+
+
+def _heartbeat_reset() -> None:
+    """A forked child holds none of its parent's leases and runs none of its threads: it
+    starts afresh (and not with a lock some parent thread held at the fork)."""
+    global _heartbeat
+    _heartbeat = _Heartbeat()
+
+
+os.register_at_fork(after_in_child=_heartbeat_reset)
 
 
 class HeartbeatLease:

@@ -338,13 +338,12 @@ def _settle(
     # A caller waiting for the whole answer reads only the end event: it is sent now if this
     # run still holds the lease (no other run can have taken the job), else once the row is
     # this run's (locked by the update below); in either case before the books are written.
-    answer_first = (
+    answer = None
+    if (
         not job.request.get("progress", True)
         and outcome.fate == Fate.COMPLETE
         and outcome.review is None
-    )
-    answer = None
-    if answer_first:
+    ):
         answered = {"run": job.run, "model_version_id": version.pk, "cache": result.cache}
         answer = job_end_event(settled, answered=answered)
     sent = answer is not None and job_event_publish_leased(job.public_id, answer, lease=lease)
@@ -417,7 +416,7 @@ def _settle(
                 primary_latency_ms=served.latency_s * 1000,
                 primary_ttft_ms=result.time_to_first_token_s * 1000,
             )
-        if not answer_first:
+        if answer is None:
             transaction.on_commit(partial(job_event_publish, job.public_id, job_end_event(settled)))
 
 

@@ -63,3 +63,19 @@ def test_the_heartbeat_outlives_a_redis_outage_and_sets_the_lease_again(
             assert heartbeat.thread is not None and heartbeat.thread.is_alive()
     finally:
         server.stop()
+
+
+def test_a_forked_child_renews_none_of_its_parents_leases() -> None:
+    import os
+
+    from chat import leases
+
+    key = f"tests:lease:{uuid.uuid4().hex}"
+    with HeartbeatLease(key=key, ttl_seconds=5) as lease:
+        assert lease.held and key in leases._heartbeat.held
+        pid = os.fork()
+        if pid == 0:  # the child: a heartbeat of its own, holding nothing
+            os._exit(0 if leases._heartbeat.held == {} and leases._heartbeat.thread is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert key in leases._heartbeat.held, "the parent still renews its lease"
