@@ -1,11 +1,16 @@
 """The audit log: an append-only, hash-chained list of events.
 
-Every event stores `prev_hash`, the hash of the event before it (`GENESIS_HASH` for the first),
-and `hash`, a sha256 over its own content and `prev_hash`. Altering a row breaks its hash;
-removing or reordering rows breaks the next event's link. A trigger (migration 0003) refuses
-UPDATE and DELETE, so tampering needs the table owner's rights and still shows in
-`audit_verify`. Removing the newest events leaves a shorter chain that is still intact: keep
-the last hash that `verify_audit` prints somewhere else to notice that.
+Every event stores `prev_hash`, the hash of the event before it in the chain (`GENESIS_HASH` for
+the first), and `hash`, a sha256 over its own content and `prev_hash`. Altering a row breaks its
+hash; removing or reordering rows breaks the next event's link. The chain's order is
+`chain_position`, the order in which events were linked: an event is written with its hashed
+text and no link, and a constraint trigger deferred to its transaction's commit (migration 0010)
+takes the chain's lock, links it after the newest event and computes its hash. So the chain is
+serialized only while a transaction commits, inside the server, not from an event's INSERT to
+its transaction's end; and an event whose transaction rolls back never enters it. A trigger
+refuses UPDATE (but that link) and DELETE, so tampering needs the table owner's rights and still
+shows in `audit_verify`. Removing the newest events leaves a shorter chain that is still intact:
+keep the last hash that `verify_audit` prints somewhere else to notice that.
 """
 
 import csv
@@ -18,32 +23,21 @@ from datetime import UTC
 from typing import Any, Literal
 
 from django.contrib.auth.models import AnonymousUser, User
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Max, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from genai_site.rows import quote, row_stored, row_values
+from genai_site.rows import row_insert
 from governance.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
-# Key of the transaction-level advisory lock that serializes appends, so that concurrent
-# writers (web, workers) cannot both link to the same previous event. Any constant will do;
-# this one is "audit" in ASCII.
+# Key of the transaction-level advisory lock that serializes the links (migration 0010's
+# `governance_audit_link`), so that two commits cannot both link to the same previous event.
+# Any constant will do; this one is "audit" in ASCII.
 AUDIT_CHAIN_LOCK = 0x6175646974
-# The event's own fields as values, then the chain's head (`governance_audit_chain_head`,
-# migration 0009: the lock, then the newest hash) as `prev_hash`, and the hash of the content
-# with that head in it. One statement: the chain is serialized for as short a time as can be.
-_CONTENT_FIELDS = [
-    f for f in AuditEvent._meta.concrete_fields if f.name not in ("id", "prev_hash", "hash")
-]
-_APPEND_SQL = (
-    f"INSERT INTO {quote(AuditEvent._meta.db_table)} "
-    f"({', '.join(quote(f.column) for f in _CONTENT_FIELDS)}, prev_hash, hash) "
-    f"SELECT {', '.join(['%s'] * len(_CONTENT_FIELDS))}, head.prev, "
-    "encode(sha256(convert_to(%s || head.prev || %s, 'UTF8')), 'hex') "
-    "FROM (SELECT governance_audit_chain_head(%s) AS prev) AS head RETURNING id, prev_hash, hash"
-)
+# Where the previous event's hash goes in an unlinked event's `hash_input`.
+_PREV_HASH_MARK = "\x1f"
 
 ExportFormat = Literal["csv", "jsonl"]
 EXPORT_FIELDS = (
@@ -121,6 +115,9 @@ def request_client_ip(request: HttpRequest | None) -> str | None:
     return _canonical_ip(request.META.get("REMOTE_ADDR")) if request is not None else None
 
 
+_LINKED_SQL = "SELECT prev_hash, hash, chain_position FROM governance_auditevent WHERE id = %s"
+
+
 def audit_record(
     *,
     actor: User | AnonymousUser | None,
@@ -131,10 +128,12 @@ def audit_record(
     ip: str | None = None,
     actor_label: str | None = None,
 ) -> AuditEvent:
-    """Append one audit event. Call it inside the transaction of the change it records.
+    """Append one audit event. Call it inside the transaction of the change it records: the
+    event is linked into the chain as that transaction commits, and not at all if it rolls back.
 
-    The chain lock is then held until that transaction ends, so keep audited transactions
-    short. `actor_label` defaults to the user's name, or "system" without a user.
+    Inside a transaction the returned event has no `prev_hash`, `hash` or `chain_position` yet;
+    outside one (autocommit) it has them. `actor_label` defaults to the user's name, or "system"
+    without a user.
     """
     user = actor if isinstance(actor, User) else None
     if actor_label is None:
@@ -148,20 +147,24 @@ def audit_record(
         details=details or {},
         ip=_canonical_ip(ip),
         created_at=timezone.now(),
-        prev_hash=GENESIS_HASH,  # a stand-in of the same length: the database puts the head
+        prev_hash=GENESIS_HASH,  # a stand-in of the same length, to cut the hashed text at
     )
     before, after = _hash_input_around_prev(event)
-    values = row_values(event, _CONTENT_FIELDS)
-    # Part of the caller's transaction (no savepoint of its own: nothing here is undone alone).
-    with transaction.atomic(savepoint=False), connection.cursor() as cursor:
-        cursor.execute(_APPEND_SQL, [*values, before, after, AUDIT_CHAIN_LOCK])
-        event.pk, event.prev_hash, event.hash = cursor.fetchone()
-    return row_stored(event)
+    event.prev_hash = None
+    event.hash_input = before + _PREV_HASH_MARK + after
+    row_insert(event)
+    if connection.get_autocommit():
+        # Its own transaction has committed, and the event is linked.
+        with connection.cursor() as cursor:
+            cursor.execute(_LINKED_SQL, [event.pk])
+            event.prev_hash, event.hash, event.chain_position = cursor.fetchone()
+        event.hash_input = None
+    return event
 
 
 @dataclass(frozen=True)
 class AuditVerification:
-    events: int  # events found intact, in id order, before the first broken one
+    events: int  # events found intact, in the chain's order, before the first broken one
     last_hash: str  # hash of the last intact event (GENESIS_HASH if there is none)
     broken_event_id: int | None = None
     problem: str = ""
@@ -172,13 +175,18 @@ class AuditVerification:
 
 
 def audit_verify() -> AuditVerification:
-    """Walk the chain in id order and stop at the first event that does not check out."""
+    """Walk the chain in its order and stop at the first event that does not check out.
+
+    Events not linked yet (only those of transactions still open, this one's included) are
+    not part of the chain yet and are left out."""
     expected_prev = GENESIS_HASH
     previous_id: int | None = None
     count = 0
-    for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
+    chain = AuditEvent.objects.filter(chain_position__isnull=False).order_by("chain_position")
+    for event in chain.iterator(chunk_size=2000):
         problem = ""
-        if audit_event_hash(event) != event.hash:
+        digest = audit_event_hash(event)
+        if digest != event.hash:
             problem = "hash mismatch: the row was altered after it was written"
         elif event.prev_hash != expected_prev:
             after = f"event {previous_id}" if previous_id is not None else "the chain's start"
@@ -190,7 +198,7 @@ def audit_verify() -> AuditVerification:
             return AuditVerification(
                 events=count, last_hash=expected_prev, broken_event_id=event.pk, problem=problem
             )
-        expected_prev, previous_id = event.hash, event.pk
+        expected_prev, previous_id = digest, event.pk
         count += 1
     return AuditVerification(events=count, last_hash=expected_prev)
 
@@ -243,18 +251,19 @@ def _jsonl_lines(events: QuerySet[AuditEvent]) -> Iterator[str]:
 def audit_export(
     *, events: QuerySet[AuditEvent], fmt: ExportFormat, actor: User | AnonymousUser, ip: str | None
 ) -> Iterator[str]:
-    """Record the export as `audit.exported`, then return the events' lines in id order.
+    """Record the export as `audit.exported`, then return the events' lines in the chain's
+    order.
 
-    The lines are read lazily, as the response streams. The export is fixed to the events that
-    existed when it was asked for: appends are serialized, so later events have higher ids.
+    The lines are read lazily, as the response streams. The export is fixed to the events
+    linked when it was asked for: later links have higher positions.
     """
-    last_id = events.aggregate(last=Max("id"))["last"] or 0
-    events = events.filter(id__lte=last_id).order_by("id")
+    last = events.aggregate(last=Max("chain_position"))["last"] or 0
+    events = events.filter(chain_position__lte=last).order_by("chain_position")
     audit_record(
         actor=actor,
         action="audit.exported",
         target_type="audit_event",
-        details={"format": fmt, "count": events.count(), "last_id": last_id},
+        details={"format": fmt, "count": events.count(), "last_position": last},
         ip=ip,
     )
     return _csv_lines(events) if fmt == "csv" else _jsonl_lines(events)

@@ -267,8 +267,10 @@ class AuditEvent(models.Model):
     """Append-only record of what happened. Message content is referenced by id, never copied.
 
     Each event carries the sha256 of its own content and of the event before it (`prev_hash`),
-    so `governance.audit.audit_verify` can tell an altered, removed or reordered row. A database
-    trigger (migration 0003) refuses UPDATE and DELETE.
+    so `governance.audit.audit_verify` can tell an altered, removed or reordered row. The chain's
+    order is `chain_position`: an event is linked into the chain as its transaction commits
+    (migration 0010), so within an open transaction its `prev_hash`, `hash` and `chain_position`
+    are still empty. A database trigger refuses UPDATE (but that one link) and DELETE.
     """
 
     # No database constraint and no SET_NULL: deleting a user must not rewrite (and so break)
@@ -288,8 +290,13 @@ class AuditEvent(models.Model):
     ip = models.GenericIPAddressField(null=True, blank=True)
     # Set in Python, not by the database, because it is part of the hashed content.
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    prev_hash = models.CharField(max_length=64, editable=False)
-    hash = models.CharField(max_length=64, editable=False)
+    # NULL until the event is linked: "" would be a value, and prev_hash is unique.
+    prev_hash = models.CharField(max_length=64, null=True, editable=False)  # noqa: DJ001
+    hash = models.CharField(max_length=64, null=True, editable=False)  # noqa: DJ001
+    chain_position = models.BigIntegerField(null=True, unique=True, editable=False)
+    # Until the event is linked: the canonical text its hash is taken over, with U+001F where the
+    # previous event's hash goes (JSON text never holds that character unescaped). NULL after.
+    hash_input = models.TextField(null=True, editable=False)  # noqa: DJ001
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -15,7 +15,7 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 from django.test import AsyncClient, Client
 
 from governance.audit import (
@@ -73,11 +73,12 @@ def test_events_link_into_a_chain_that_verifies() -> None:
     user = user_create()
     _record_events(2)
     _record_events(2, actor=user)
-    events = list(AuditEvent.objects.order_by("id"))
+    events = list(AuditEvent.objects.order_by("chain_position"))
+    assert [e.chain_position for e in events] == [1, 2, 3, 4]
     assert events[0].prev_hash == GENESIS_HASH
     for before, after in itertools.pairwise(events):
         assert after.prev_hash == before.hash
-    assert all(re.fullmatch("[0-9a-f]{64}", e.hash) for e in events)
+    assert all(re.fullmatch("[0-9a-f]{64}", e.hash or "") for e in events)
     assert len({e.hash for e in events}) == 4
     assert "audit chain intact: 4 events" in _verify_audit_output()
 
@@ -185,6 +186,66 @@ def test_concurrent_appends_form_one_intact_chain() -> None:
     assert result.intact and result.events == 40
 
 
+def test_events_are_linked_as_their_transactions_commit_in_commit_order() -> None:
+    """An open transaction's event does not hold the chain: a later one commits past it, and
+    the chain follows the commits. An event whose transaction rolls back never enters it."""
+    recorded = threading.Event()
+    may_commit = threading.Event()
+    slow: list[AuditEvent] = []
+
+    def open_transaction() -> None:
+        try:
+            with transaction.atomic():
+                slow.append(audit_record(actor=None, action="test.slow"))
+                assert slow[0].hash is None and slow[0].chain_position is None
+                recorded.set()
+                assert may_commit.wait(timeout=30)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=open_transaction)
+    thread.start()
+    try:
+        assert recorded.wait(timeout=30)
+        # Taken while the other transaction is still open (a chain lock held since its INSERT
+        # would make this wait for it).
+        fast = audit_record(actor=None, action="test.fast")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            audit_record(actor=None, action="test.rolled_back")
+            raise RuntimeError
+    finally:
+        may_commit.set()
+        thread.join()
+
+    slow_event = AuditEvent.objects.get(pk=slow[0].pk)
+    assert slow_event.pk < fast.pk
+    assert (fast.chain_position, slow_event.chain_position) == (1, 2)
+    assert fast.prev_hash == GENESIS_HASH and slow_event.prev_hash == fast.hash
+    assert not AuditEvent.objects.filter(action="test.rolled_back").exists()
+    assert slow_event.hash_input is None
+    result = audit_verify()
+    assert result.intact and result.events == 2 and result.last_hash == slow_event.hash
+
+
+def test_linking_is_the_only_update_the_database_allows() -> None:
+    with transaction.atomic():
+        event = audit_record(actor=None, action="test.event", details={"n": 1})
+        # Linking by hand while changing the content is refused, as is any other change to an
+        # event not linked yet.
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE governance_auditevent SET details = '{}', prev_hash = %s, "
+                    "hash = %s, chain_position = 1, hash_input = NULL WHERE id = %s",
+                    [GENESIS_HASH, "1" * 64, event.pk],
+                )
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            AuditEvent.objects.filter(pk=event.pk).update(action="test.other")
+    linked = AuditEvent.objects.get(pk=event.pk)
+    assert linked.details == {"n": 1} and linked.chain_position == 1
+    assert audit_verify().intact
+
+
 def test_deleting_a_user_leaves_their_events_intact() -> None:
     user = user_create()
     event = audit_record(actor=user, action="test.event")
@@ -243,7 +304,11 @@ async def test_staff_export_selected_events_as_csv() -> None:
 
     exported = await AuditEvent.objects.aget(action="audit.exported")
     assert exported.actor_id == admin.pk
-    assert exported.details == {"format": "csv", "count": 2, "last_id": events[2].pk}
+    assert exported.details == {
+        "format": "csv",
+        "count": 2,
+        "last_position": events[2].chain_position,
+    }
     assert (await sync_to_async(audit_verify)()).intact
 
 
