@@ -247,8 +247,8 @@ def engine_run(engine, version, clients: int, total: int) -> list[float]:  # typ
         return list(pool.map(one, prompts))
 
 
-def stages(clients: int) -> list[tuple[str, float, float]]:
-    """Median and p95 (ms) of each stage of a request, from the job's own timestamps: into the
+def stages(clients: int) -> list[tuple[str, float, float, float]]:
+    """Median, p95 and p99 (ms) of each stage of a request, from the job's own timestamps: into the
     web process and admitted (sent -> row created), waiting for a worker (created -> claimed),
     in the worker (claimed -> settled, the engine included), and back out (settled -> the
     client has the response). The row is written after admission, so "in" includes it."""
@@ -270,7 +270,10 @@ def stages(clients: int) -> list[tuple[str, float, float]]:
         spans["queue"].append((started - created) * 1000)
         spans["worker"].append((finished - started) * 1000)
         spans["out"].append((received - finished) * 1000)
-    return [(name, percentile(v, 0.5), percentile(v, 0.95)) for name, v in spans.items()]
+    return [
+        (name, percentile(v, 0.5), percentile(v, 0.95), percentile(v, 0.99))
+        for name, v in spans.items()
+    ]
 
 
 def _cpu_seconds(roles: dict[int, str]) -> Counter[str]:
@@ -462,6 +465,7 @@ def main() -> None:
         asyncio.run(http_run(base, keys, max(warm, USERS), 5 * max(warm, USERS)))
         asyncio.run(http_run(bare_base, None, 2, 10))
         engine_run(engine, version, 2, 10)
+        TRACES.clear()  # the stages are the measured rounds' only
         for clients in LEVELS:
             total = REQUESTS.get(clients, 100)
             for share in _rounds(total, clients):
@@ -504,20 +508,21 @@ def main() -> None:
     print("CPU time per request (ms), by process, in each kind of round:")
     print()
     meter.table(LEVELS, ["API", "engine in process", "bare endpoint"])
-    print(f"mean API latency at 1 client: {statistics.mean(api[LEVELS[0]]):.1f} ms")
+    print(f"mean API latency at {LEVELS[0]} client(s): {statistics.mean(api[LEVELS[0]]):.1f} ms")
     print()
-    print(f"Where a request's time goes at {LEVELS[0]} client(s) (from the job rows' timestamps):")
+    print("Where a request's time goes (from the job rows' timestamps):")
     print()
-    print("| stage | median ms | p95 ms |")
-    print("| --- | ---: | ---: |")
+    print("| clients | stage | median ms | p95 ms | p99 ms |")
+    print("| ---: | --- | ---: | ---: | ---: |")
     labels = {
         "in": "client sent -> job row created (web: auth, routing, filters, admission)",
         "queue": "job created -> claimed by a worker (commit, enqueue, broker, pickup, lease)",
         "worker": "claimed -> settled (engine, output filters, settle transaction)",
         "out": "settled -> client has the response (rest of the settle, commit, end event, JSON)",
     }
-    for name, median, p95 in stages(LEVELS[0]):
-        print(f"| {labels[name]} | {median:.1f} | {p95:.1f} |")
+    for clients in LEVELS:
+        for name, median, p95, p99 in stages(clients):
+            print(f"| {clients} | {labels[name]} | {median:.1f} | {p95:.1f} | {p99:.1f} |")
     if waits.enabled:
         print()
         print(f"PostgreSQL's waits during the API's rounds ({waits.samples} samples, all levels):")
