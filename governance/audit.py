@@ -8,9 +8,10 @@ text and no link, and a constraint trigger deferred to its transaction's commit 
 takes the chain's lock, links it after the newest event and computes its hash. So the chain is
 serialized only while a transaction commits, inside the server, not from an event's INSERT to
 its transaction's end; and an event whose transaction rolls back never enters it. A trigger
-refuses UPDATE (but that link) and DELETE, so tampering needs the table owner's rights and still
-shows in `audit_verify`. Removing the newest events leaves a shorter chain that is still intact:
-keep the last hash that `verify_audit` prints somewhere else to notice that.
+refuses UPDATE (but that link, made by the link trigger itself) and DELETE, so tampering needs
+the table owner's rights and still shows in `audit_verify`. Removing the newest events leaves a
+shorter chain that is still intact: keep the last hash that `verify_audit` prints somewhere else
+to notice that.
 """
 
 import csv
@@ -42,6 +43,7 @@ _PREV_HASH_MARK = "\x1f"
 ExportFormat = Literal["csv", "jsonl"]
 EXPORT_FIELDS = (
     "id",
+    "chain_position",
     "created_at",
     "actor_id",
     "actor_label",
@@ -168,6 +170,9 @@ class AuditVerification:
     last_hash: str  # hash of the last intact event (GENESIS_HASH if there is none)
     broken_event_id: int | None = None
     problem: str = ""
+    # Events outside the chain: only an open transaction's own (this one's), unless the link
+    # trigger was bypassed (disabled, or `session_replication_role = replica`).
+    unlinked: int = 0
 
     @property
     def intact(self) -> bool:
@@ -177,11 +182,11 @@ class AuditVerification:
 def audit_verify() -> AuditVerification:
     """Walk the chain in its order and stop at the first event that does not check out.
 
-    Events not linked yet (only those of transactions still open, this one's included) are
-    not part of the chain yet and are left out."""
+    Events not linked are not part of the chain and are counted apart (`unlinked`)."""
     expected_prev = GENESIS_HASH
     previous_id: int | None = None
     count = 0
+    unlinked = AuditEvent.objects.filter(chain_position__isnull=True).count()
     chain = AuditEvent.objects.filter(chain_position__isnull=False).order_by("chain_position")
     for event in chain.iterator(chunk_size=2000):
         problem = ""
@@ -196,16 +201,21 @@ def audit_verify() -> AuditVerification:
             )
         if problem:
             return AuditVerification(
-                events=count, last_hash=expected_prev, broken_event_id=event.pk, problem=problem
+                events=count,
+                last_hash=expected_prev,
+                broken_event_id=event.pk,
+                problem=problem,
+                unlinked=unlinked,
             )
         expected_prev, previous_id = digest, event.pk
         count += 1
-    return AuditVerification(events=count, last_hash=expected_prev)
+    return AuditVerification(events=count, last_hash=expected_prev, unlinked=unlinked)
 
 
 def _export_row(event: AuditEvent) -> dict[str, Any]:
     return {
         "id": event.pk,
+        "chain_position": event.chain_position,
         "created_at": event.created_at.astimezone(UTC).isoformat(),
         "actor_id": event.actor_id,
         "actor_label": event.actor_label,

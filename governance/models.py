@@ -302,7 +302,23 @@ class AuditEvent(models.Model):
         ordering = ["-created_at", "-id"]
         constraints = [
             # Two events can never follow the same one: the chain cannot fork.
-            models.UniqueConstraint(fields=["prev_hash"], name="audit_event_prev_hash_unique")
+            models.UniqueConstraint(fields=["prev_hash"], name="audit_event_prev_hash_unique"),
+            # Waiting for its commit (no link, its hashed text kept) or linked (the reverse).
+            models.CheckConstraint(
+                condition=models.Q(
+                    chain_position__isnull=True,
+                    prev_hash__isnull=True,
+                    hash__isnull=True,
+                    hash_input__isnull=False,
+                )
+                | models.Q(
+                    chain_position__isnull=False,
+                    prev_hash__isnull=False,
+                    hash__isnull=False,
+                    hash_input__isnull=True,
+                ),
+                name="audit_event_linked_or_waiting",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -1,10 +1,16 @@
-import importlib
-
 from django.db import migrations, models
+from django.db.models import Q
 
-CHAIN_HEAD_SQL = importlib.import_module(
-    "governance.migrations.0009_audit_chain_head_function"
-).CHAIN_HEAD_SQL
+# Waiting for its commit: no link, its hashed text kept; linked: the reverse.
+UNLINKED = Q(
+    chain_position__isnull=True, prev_hash__isnull=True, hash__isnull=True, hash_input__isnull=False
+)
+LINKED = Q(
+    chain_position__isnull=False,
+    prev_hash__isnull=False,
+    hash__isnull=False,
+    hash_input__isnull=True,
+)
 
 # An event is written unlinked (no prev_hash, hash or chain_position; its hashed text in
 # hash_input) and linked into the chain by a constraint trigger deferred to its transaction's
@@ -23,6 +29,14 @@ DECLARE
     head_hash varchar;
     head_position bigint;
 BEGIN
+    IF NEW.chain_position IS NOT NULL OR NEW.hash_input IS NULL THEN
+        RAISE EXCEPTION 'audit event % was not written unlinked (governance.audit.audit_record)',
+            NEW.id;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'audit events are linked under READ COMMITTED only, not %',
+            current_setting('transaction_isolation');
+    END IF;
     PERFORM pg_advisory_xact_lock(418581342580);  -- governance.audit.AUDIT_CHAIN_LOCK
     SELECT hash, chain_position INTO head_hash, head_position
     FROM governance_auditevent WHERE chain_position IS NOT NULL
@@ -35,7 +49,7 @@ BEGIN
             || split_part(NEW.hash_input, E'\\x1f', 2), 'UTF8')), 'hex'),
         chain_position = COALESCE(head_position, 0) + 1,
         hash_input = NULL
-    WHERE id = NEW.id AND chain_position IS NULL;
+    WHERE id = NEW.id;
     RETURN NULL;
 END;
 $$;
@@ -45,17 +59,22 @@ CREATE CONSTRAINT TRIGGER governance_audit_link
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION governance_audit_link();
 
--- The one UPDATE allowed: that link, which sets prev_hash, hash and chain_position once and
--- changes nothing else.
+-- The one UPDATE allowed: that link, made from within the link trigger (an UPDATE that a
+-- session sends itself runs this trigger at depth 1), which sets prev_hash, hash (the hash of
+-- the event's text with that prev_hash) and chain_position once and changes nothing else.
 CREATE OR REPLACE FUNCTION governance_auditevent_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND OLD.chain_position IS NULL AND OLD.hash IS NULL
-        AND NEW.chain_position IS NOT NULL AND NEW.hash IS NOT NULL AND NEW.hash_input IS NULL
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1
+        AND OLD.chain_position IS NULL AND NEW.chain_position IS NOT NULL
+        AND NEW.hash_input IS NULL
+        AND NEW.hash = encode(sha256(convert_to(
+            split_part(OLD.hash_input, E'\\x1f', 1) || NEW.prev_hash
+            || split_part(OLD.hash_input, E'\\x1f', 2), 'UTF8')), 'hex')
         AND (NEW.id, NEW.actor_id, NEW.actor_label, NEW.action, NEW.target_type,
-             NEW.target_id, NEW.details, NEW.ip, NEW.created_at)
+             NEW.target_id, NEW.details::text, NEW.ip, NEW.created_at)
         IS NOT DISTINCT FROM (OLD.id, OLD.actor_id, OLD.actor_label, OLD.action,
-             OLD.target_type, OLD.target_id, OLD.details, OLD.ip, OLD.created_at) THEN
+             OLD.target_type, OLD.target_id, OLD.details::text, OLD.ip, OLD.created_at) THEN
         RETURN NEW;
     END IF;
     RAISE EXCEPTION 'audit events are append-only (% of event % refused)', TG_OP, OLD.id;
@@ -65,22 +84,8 @@ $$;
 DROP FUNCTION IF EXISTS governance_audit_chain_head(bigint);
 """
 
-UNLINK_SQL = (
-    """
-DROP TRIGGER IF EXISTS governance_audit_link ON governance_auditevent;
-DROP FUNCTION IF EXISTS governance_audit_link();
-
-CREATE OR REPLACE FUNCTION governance_auditevent_append_only() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'audit events are append-only (% of event % refused)', TG_OP, OLD.id;
-END;
-$$;
-"""
-    + CHAIN_HEAD_SQL
-)
-
-# The events chained so far keep their order: their ids.
+# The events chained so far keep their order: their ids (each was given its id after it had
+# taken the chain's lock).
 POSITIONS_SQL = """
 ALTER TABLE governance_auditevent DISABLE TRIGGER governance_auditevent_append_only;
 UPDATE governance_auditevent SET chain_position = id;
@@ -112,6 +117,14 @@ class Migration(migrations.Migration):
             name="prev_hash",
             field=models.CharField(editable=False, max_length=64, null=True),
         ),
-        migrations.RunSQL(POSITIONS_SQL, migrations.RunSQL.noop),
-        migrations.RunSQL(LINK_SQL, UNLINK_SQL),
+        migrations.RunSQL(POSITIONS_SQL),
+        migrations.AddConstraint(
+            model_name="auditevent",
+            constraint=models.CheckConstraint(
+                condition=UNLINKED | LINKED, name="audit_event_linked_or_waiting"
+            ),
+        ),
+        # Not reversible: events linked in commit order no longer follow their ids, which the
+        # appends before this migration relied on.
+        migrations.RunSQL(LINK_SQL),
     ]

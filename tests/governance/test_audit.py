@@ -15,7 +15,7 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.test import AsyncClient, Client
 
 from governance.audit import (
@@ -230,20 +230,47 @@ def test_events_are_linked_as_their_transactions_commit_in_commit_order() -> Non
 def test_linking_is_the_only_update_the_database_allows() -> None:
     with transaction.atomic():
         event = audit_record(actor=None, action="test.event", details={"n": 1})
-        # Linking by hand while changing the content is refused, as is any other change to an
-        # event not linked yet.
-        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "UPDATE governance_auditevent SET details = '{}', prev_hash = %s, "
-                    "hash = %s, chain_position = 1, hash_input = NULL WHERE id = %s",
-                    [GENESIS_HASH, "1" * 64, event.pk],
-                )
+        row = AuditEvent.objects.get(pk=event.pk)
+        assert row.hash_input is not None
+        # The link's own shape, sent by the session itself: refused, even with the right hash
+        # and with the content unchanged; so is any other change to an event not linked yet.
+        row.prev_hash = GENESIS_HASH
+        right = audit_event_hash(row)
+        for prev_hash, digest, details in [
+            (GENESIS_HASH, right, '{"n": 1}'),
+            (GENESIS_HASH, "1" * 64, '{"n": 1}'),
+            (GENESIS_HASH, right, "{}"),
+        ]:
+            with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        "UPDATE governance_auditevent SET details = %s, prev_hash = %s, "
+                        "hash = %s, chain_position = 1, hash_input = NULL WHERE id = %s",
+                        [details, prev_hash, digest, event.pk],
+                    )
         with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
             AuditEvent.objects.filter(pk=event.pk).update(action="test.other")
+        # An event must be written unlinked, with its hashed text.
+        with pytest.raises(IntegrityError), transaction.atomic():
+            AuditEvent.objects.create(action="test.forged", prev_hash="2" * 64, hash="3" * 64)
     linked = AuditEvent.objects.get(pk=event.pk)
     assert linked.details == {"n": 1} and linked.chain_position == 1
+    assert linked.hash == right
     assert audit_verify().intact
+
+
+def test_verify_audit_reports_events_committed_outside_the_chain() -> None:
+    _record_events(2)
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE governance_auditevent DISABLE TRIGGER governance_audit_link")
+        try:
+            audit_record(actor=None, action="test.unlinked")
+        finally:
+            cursor.execute("ALTER TABLE governance_auditevent ENABLE TRIGGER governance_audit_link")
+    result = audit_verify()
+    assert result.intact and (result.events, result.unlinked) == (2, 1)
+    with pytest.raises(CommandError, match="1 committed audit event"):
+        call_command("verify_audit")
 
 
 def test_deleting_a_user_leaves_their_events_intact() -> None:
