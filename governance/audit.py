@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
+from decimal import Decimal
 from typing import Any, Literal
 
 from django.contrib.auth.models import AnonymousUser, User
@@ -58,10 +59,11 @@ EXPORT_FIELDS = (
 
 
 def _canonical_json(value: Any) -> Any:
-    """The value as PostgreSQL's jsonb gives it back: jsonb keeps numbers as decimals, so a
-    whole float such as 1e16 returns as an int. Whole floats count as ints on both sides."""
+    """The value as PostgreSQL's jsonb gives it back: jsonb keeps numbers as the decimals they
+    were written as, so a whole float such as 1e16 returns as an int, and 1e23 as 10**23 (not
+    the float's own binary value, int(1e23)). Whole floats count as ints on both sides."""
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return int(Decimal(repr(value)))
     if isinstance(value, dict):
         return {str(k): _canonical_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -95,7 +95,9 @@ def test_events_whose_content_imitates_the_chain_fields_still_verify() -> None:
         details={"prev_hash": tricky, "nested": {"prev_hash": "1" * 64}, "text": "h\u00e9llo ☃"},
         ip="::ffff:10.0.0.1",
     )
-    event = audit_record(actor=None, action="test.after", details={"n": 1.0, "big": 1e16})
+    event = audit_record(
+        actor=None, action="test.after", details={"n": 1.0, "big": 1e16, "bigger": [1e23, -2e300]}
+    )
     assert event.hash == audit_event_hash(AuditEvent.objects.get(pk=event.pk))
     assert "audit chain intact: 2 events" in _verify_audit_output()
 
