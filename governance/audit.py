@@ -25,7 +25,6 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from django.contrib.auth.models import AnonymousUser, User
-from django.db import connection
 from django.db.models import Max, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -119,9 +118,6 @@ def request_client_ip(request: HttpRequest | None) -> str | None:
     return _canonical_ip(request.META.get("REMOTE_ADDR")) if request is not None else None
 
 
-_LINKED_SQL = "SELECT prev_hash, hash, chain_position FROM governance_auditevent WHERE id = %s"
-
-
 def audit_record(
     *,
     actor: User | AnonymousUser | None,
@@ -135,9 +131,9 @@ def audit_record(
     """Append one audit event. Call it inside the transaction of the change it records: the
     event is linked into the chain as that transaction commits, and not at all if it rolls back.
 
-    Inside a transaction the returned event has no `prev_hash`, `hash` or `chain_position` yet;
-    outside one (autocommit) it has them. `actor_label` defaults to the user's name, or "system"
-    without a user.
+    The returned event is the row as written, unlinked: the database sets its `prev_hash`,
+    `hash` and `chain_position` at the commit (read the row again for them). `actor_label`
+    defaults to the user's name, or "system" without a user.
     """
     user = actor if isinstance(actor, User) else None
     if actor_label is None:
@@ -156,14 +152,7 @@ def audit_record(
     before, after = _hash_input_around_prev(event)
     event.prev_hash = None
     event.hash_input = before + _PREV_HASH_MARK + after
-    row_insert(event)
-    if connection.get_autocommit():
-        # Its own transaction has committed, and the event is linked.
-        with connection.cursor() as cursor:
-            cursor.execute(_LINKED_SQL, [event.pk])
-            event.prev_hash, event.hash, event.chain_position = cursor.fetchone()
-        event.hash_input = None
-    return event
+    return row_insert(event)
 
 
 @dataclass(frozen=True)

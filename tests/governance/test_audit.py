@@ -34,15 +34,22 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CHANGELIST = "/admin/governance/auditevent/"
 
 
+def _linked(event: AuditEvent) -> AuditEvent:
+    """The event as the database linked it at its commit."""
+    return AuditEvent.objects.get(pk=event.pk)
+
+
 def _record_events(n: int, actor: User | None = None) -> list[AuditEvent]:
     return [
-        audit_record(
-            actor=actor,
-            action="test.event",
-            target_type="thing",
-            target_id=i,
-            details={"n": i, "ratio": i / 3, "nested": {"b": [1, 2.0], "a": "x"}},
-            ip="2001:db8:0:0::1",
+        _linked(
+            audit_record(
+                actor=actor,
+                action="test.event",
+                target_type="thing",
+                target_id=i,
+                details={"n": i, "ratio": i / 3, "nested": {"b": [1, 2.0], "a": "x"}},
+                ip="2001:db8:0:0::1",
+            )
         )
         for i in range(n)
     ]
@@ -98,7 +105,8 @@ def test_events_whose_content_imitates_the_chain_fields_still_verify() -> None:
     event = audit_record(
         actor=None, action="test.after", details={"n": 1.0, "big": 1e16, "bigger": [1e23, -2e300]}
     )
-    assert event.hash == audit_event_hash(AuditEvent.objects.get(pk=event.pk))
+    assert _linked(event).hash == audit_event_hash(_linked(event))
+    assert _linked(event).hash is not None
     assert "audit chain intact: 2 events" in _verify_audit_output()
 
 
@@ -211,7 +219,7 @@ def test_events_are_linked_as_their_transactions_commit_in_commit_order() -> Non
         assert recorded.wait(timeout=30)
         # Taken while the other transaction is still open (a chain lock held since its INSERT
         # would make this wait for it).
-        fast = audit_record(actor=None, action="test.fast")
+        fast = _linked(audit_record(actor=None, action="test.fast"))
         with pytest.raises(RuntimeError), transaction.atomic():
             audit_record(actor=None, action="test.rolled_back")
             raise RuntimeError
