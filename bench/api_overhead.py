@@ -33,10 +33,13 @@ own setting) that many web processes for the API; the bare endpoint stays one pr
 `BENCH_USERS` spreads the clients over that many users (default 1), each with its own key and
 budget: one user's requests wait for each other on the user's budget row. `BENCH_PG_WAITS=1`
 adds a table of what PostgreSQL's backends waited on during the API's rounds.
+`BENCH_CLIENT_PROCESSES` splits the clients of each round over that many client processes
+(`bench/load_client.py`; their CPU counts as this process's), so that at 50 clients the client's
+own queue is not measured.
 """
 
 import asyncio
-import logging
+import json
 import os
 import platform
 import socket
@@ -64,11 +67,11 @@ import django  # noqa: E402
 
 django.setup()
 
-import httpx  # noqa: E402
 import psutil  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 
+from bench.load_client import PROMPTS, Trace, http_run  # noqa: E402
 from bench.machine import machine_describe  # noqa: E402
 from genai_site.embedded import free_port  # noqa: E402
 from genai_site.launcher import default_concurrency, web_command, worker_command  # noqa: E402
@@ -83,13 +86,6 @@ ALIAS = "bench-api-overhead"
 QUEUE = f"bench-api-{os.getpid()}"
 LEVELS = [int(c) for c in os.environ.get("BENCH_CLIENTS", "1,10,50").split(",")]
 REQUESTS = {1: int(os.environ.get("BENCH_REQUESTS_1", "40")), 10: 100, 50: 200}
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me two tips for writing clear emails.",
-    "What is a prime number?",
-    "Name three planets in the solar system.",
-    "How do plants make food?",
-]
 # BENCH_MODEL_DIR=tiny: the model's sizes.
 TINY = dict(
     hidden_size=64,
@@ -106,9 +102,7 @@ WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 # Each with a key and a daily budget of its own; client i uses user i modulo this.
 USERS = int(os.environ.get("BENCH_USERS", "1"))
 PG_WAITS = os.environ.get("BENCH_PG_WAITS") == "1"
-# A line per request from the client library would cost this process time in the API's and the
-# bare endpoint's rounds alike.
-logging.getLogger("httpx").setLevel(logging.WARNING)
+CLIENT_PROCESSES = int(os.environ.get("BENCH_CLIENT_PROCESSES", "1"))
 WEB_PROCESSES = int(os.environ.get("WEB_CONCURRENCY") or 1)
 
 
@@ -185,45 +179,67 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ig
 
 
 # (sent, received, job id) per request, wall-clock seconds: the same clock as the rows' times.
-TRACES: dict[int, list[tuple[float, float, str]]] = {}
+TRACES: dict[int, list[Trace]] = {}
 
 
-async def http_run(base: str, keys: list[str] | None, clients: int, total: int) -> list[float]:
-    """`total` requests from `clients` clients at once: to the /v1 API, client i with
-    `keys[i % len(keys)]`, or to the bare engine endpoint without keys."""
-    latencies: list[float] = []
-    traces = TRACES.setdefault(clients, [])
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(total):
-        queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+class Clients:
+    """Runs each round's requests here (`BENCH_CLIENT_PROCESSES=1`, the default) or split over
+    that many client processes (`bench/load_client.py`), started once and kept."""
 
-        async def one_client(n: int) -> None:
-            headers = {"Authorization": f"Bearer {keys[n % len(keys)]}"} if keys else {}
-            while not queue.empty():
-                i = queue.get_nowait()
-                body = {
-                    "model": ALIAS,
-                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": 1,
-                }
-                sent = time.time()
-                started = time.perf_counter()
-                response = await client.post(
-                    "/v1/chat/completions" if keys else "/", json=body, headers=headers
+    def __init__(self, processes: int) -> None:
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.load_client"],
+                cwd=BASE_DIR,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(processes if processes > 1 else 0)
+        ]
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def run(self, base: str, keys: list[str] | None, clients: int, total: int) -> list[float]:
+        if not self.procs:
+            latencies, traces = asyncio.run(
+                http_run(base=base, alias=ALIAS, keys=keys, clients=clients, total=total)
+            )
+        else:
+            # Clients and requests in even shares, each process's clients numbered on from the
+            # previous one's so that keys (users) are spread as in one process.
+            used = self.procs[: min(len(self.procs), clients)]
+            shares = [
+                (
+                    clients // len(used) + (i < clients % len(used)),
+                    total // len(used) + (i < total % len(used)),
                 )
-                latencies.append((time.perf_counter() - started) * 1000)
-                assert response.status_code == 200, response.text
-                if keys:
-                    traces.append((sent, time.time(), response.json()["id"]))
-
-        await asyncio.gather(*(one_client(n) for n in range(clients)))
-    return latencies
-
-
-def http_rounds(base: str, keys: list[str] | None, clients: int, total: int) -> list[float]:
-    return asyncio.run(http_run(base, keys, clients, total))
+                for i in range(len(used))
+            ]
+            first = 0
+            for proc, (share_clients, share_total) in zip(used, shares, strict=True):
+                spec = {
+                    "base": base,
+                    "alias": ALIAS,
+                    "keys": keys,
+                    "clients": share_clients,
+                    "total": share_total,
+                    "first_client": first,
+                }
+                first += share_clients
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(spec) + "\n")
+                proc.stdin.flush()
+            latencies, traces = [], []
+            for proc in used:
+                assert proc.stdout is not None
+                answer = json.loads(proc.stdout.readline())
+                latencies += answer["latencies"]
+                traces += [tuple(t) for t in answer["traces"]]
+        TRACES.setdefault(clients, []).extend(traces)
+        return latencies
 
 
 def engine_run(engine, version, clients: int, total: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -436,11 +452,15 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
         procs.append(bare)
+        client = Clients(CLIENT_PROCESSES)
+        procs += client.procs
         roles = {
             **{worker.pid: "worker" for worker in workers},
             web.pid: "web",
             bare.pid: "bare endpoint",
             os.getpid(): "this process",
+            # The client's processes, if any, count as this one.
+            **{pid: "this process" for pid in client.pids},
         }
         engine = engine_get(
             directory=artifact_dir(version.artifact_path),
@@ -462,21 +482,21 @@ def main() -> None:
         bare_base = f"http://127.0.0.1:{direct_port}"
         # Warm-up: each worker loads the model, each web process its code.
         warm = 2 * max(WORKERS, WEB_PROCESSES)
-        asyncio.run(http_run(base, keys, max(warm, USERS), 5 * max(warm, USERS)))
-        asyncio.run(http_run(bare_base, None, 2, 10))
+        client.run(base, keys, max(warm, USERS), 5 * max(warm, USERS))
+        client.run(bare_base, None, 2, 10)
         engine_run(engine, version, 2, 10)
         TRACES.clear()  # the stages are the measured rounds' only
         for clients in LEVELS:
             total = REQUESTS.get(clients, 100)
             for share in _rounds(total, clients):
                 api[clients] += meter.measure(
-                    "API", clients, share, waits.measure, http_rounds, base, keys, clients, share
+                    "API", clients, share, waits.measure, client.run, base, keys, clients, share
                 )
                 direct[clients] += meter.measure(
                     "engine in process", clients, share, engine_run, engine, version, clients, share
                 )
                 over_http[clients] += meter.measure(
-                    "bare endpoint", clients, share, http_rounds, bare_base, None, clients, share
+                    "bare endpoint", clients, share, client.run, bare_base, None, clients, share
                 )
     finally:
         for proc in procs:
@@ -492,7 +512,8 @@ def main() -> None:
     model = os.environ.get("BENCH_MODEL_DIR") or "SmolLM2-135M-Instruct"
     print(
         f"# model: {model}; workers: {WORKERS} x {WORKER_THREADS} threads; "
-        f"web: {WEB_PROCESSES} uvicorn process(es); users: {USERS}"
+        f"web: {WEB_PROCESSES} uvicorn process(es); users: {USERS}; "
+        f"client processes: {max(1, CLIENT_PROCESSES)}"
     )
     print()
     print("Baseline: the engine in this process (`Engine.generate`), no HTTP.")
