@@ -354,16 +354,20 @@ class PgWaits:
 
 
 class CpuMeter:
-    """CPU ms per request, by role, of each kind of round at each level."""
+    """CPU ms per request, by role, and requests a second, of each kind of round at each
+    level."""
 
     def __init__(self, roles: dict[int, str]) -> None:
         self.roles = roles
         self.used: dict[tuple[str, int], Counter[str]] = {}
         self.requests: Counter[tuple[str, int]] = Counter()
+        self.wall: Counter[tuple[str, int]] = Counter()
 
     def measure(self, kind: str, clients: int, requests: int, run, *args):  # type: ignore[no-untyped-def]
         before = _cpu_seconds(self.roles)
+        started = time.perf_counter()
         result = run(*args)
+        self.wall[(kind, clients)] += time.perf_counter() - started
         after = _cpu_seconds(self.roles)
         # A process that ended meanwhile takes its time with it; none of ours does.
         self.used.setdefault((kind, clients), Counter()).update(
@@ -374,14 +378,15 @@ class CpuMeter:
 
     def table(self, levels: list[int], kinds: list[str]) -> None:
         roles = ["web", "worker", "bare endpoint", "postgres", "redis", "this process", "other"]
-        print("| clients | round | " + " | ".join(roles) + " | total |")
-        print("| ---: | --- |" + " ---: |" * (len(roles) + 1))
+        print("| clients | round | " + " | ".join(roles) + " | total | requests/s |")
+        print("| ---: | --- |" + " ---: |" * (len(roles) + 2))
         for clients in levels:
             for kind in kinds:
                 used, n = self.used[(kind, clients)], self.requests[(kind, clients)]
                 cells = [used.get(role, 0.0) * 1000 / n for role in roles]
                 values = " | ".join(f"{v:.1f}" for v in (*cells, sum(cells)))
-                print(f"| {clients} | {kind} | {values} |")
+                rate = n / self.wall[(kind, clients)]
+                print(f"| {clients} | {kind} | {values} | {rate:.0f} |")
 
 
 def _listening(port: int) -> bool:
@@ -526,7 +531,7 @@ def main() -> None:
     print()
     print("All figures in milliseconds. 'added' = API percentile minus baseline percentile.")
     print()
-    print("CPU time per request (ms), by process, in each kind of round:")
+    print("CPU time per request (ms), by process, and requests a second, in each kind of round:")
     print()
     meter.table(LEVELS, ["API", "engine in process", "bare endpoint"])
     print(f"mean API latency at {LEVELS[0]} client(s): {statistics.mean(api[LEVELS[0]]):.1f} ms")
