@@ -45,14 +45,39 @@ def _forget_dead_handles(path: Path) -> None:
     path.write_text(json.dumps([pid for pid in pids if process_alive(int(pid))]))
 
 
+# Each web and worker process keeps a pool of up to DATABASE_POOL_MAX (16) connections; the
+# server's default of 100 is taken by 7 processes (WEB_CONCURRENCY=4 and 3 workers, say), and
+# past it every new connection is refused ("too many clients already").
+MAX_CONNECTIONS = 500
+
+
+def _max_connections(server: Any) -> int:
+    return int(server.psql("SHOW max_connections;").splitlines()[2])
+
+
 def start_postgres(var_dir: Path, stack: ExitStack) -> str:
     import pgserver
 
     data_dir = var_dir / "pgdata"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    _forget_dead_handles(data_dir / ".handle_pids.json")
+    handles = data_dir / ".handle_pids.json"
+    _forget_dead_handles(handles)
     # cleanup_mode="stop": the server stops when the last process that started it exits.
     server: Any = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    if _max_connections(server) < MAX_CONNECTIONS:
+        # Read only at start: the first launch on a new data directory restarts the server,
+        # unless another process uses it too (then it applies from the server's next start).
+        server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
+        if json.loads(handles.read_text()) == [os.getpid()]:
+            server.cleanup()
+            server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+        else:
+            logger.warning(
+                "PostgreSQL in %s allows %d connections; %d from its next start",
+                data_dir,
+                _max_connections(server),
+                MAX_CONNECTIONS,
+            )
     stack.callback(server.cleanup)
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
     if "(1 row)" not in exists:
