@@ -13,7 +13,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import OperationalError, close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import NinjaAPI, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -124,6 +124,24 @@ def _auth_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     status = exc.status_code if 400 <= exc.status_code < 500 else 400
     return _error_response(request, ApiError(status, str(exc)))
+
+
+@api.exception_handler(OperationalError)
+def _database_unavailable(request: HttpRequest, exc: OperationalError) -> HttpResponse:
+    # PostgreSQL out of reach or out of connections (every connection of the pool taken for
+    # DATABASE_POOL_TIMEOUT, or refused: "too many clients"), or a transaction it rolled back
+    # (a deadlock): the program may try again in a moment, as after a 429.
+    logger.warning("Database unavailable for %s %s: %s", request.method, request.path, exc)
+    return _error_response(
+        request,
+        ApiError(
+            503,
+            "The service is overloaded or its database is unavailable; try again shortly.",
+            type="server_error",
+            code="service_unavailable",
+            retry_after=2,
+        ),
+    )
 
 
 @api.exception_handler(Exception)
