@@ -48,7 +48,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -361,7 +361,7 @@ class CpuMeter:
         self.roles = roles
         self.used: dict[tuple[str, int], Counter[str]] = {}
         self.requests: Counter[tuple[str, int]] = Counter()
-        self.wall: Counter[tuple[str, int]] = Counter()
+        self.wall: defaultdict[tuple[str, int], float] = defaultdict(float)
 
     def measure(self, kind: str, clients: int, requests: int, run, *args):  # type: ignore[no-untyped-def]
         before = _cpu_seconds(self.roles)
@@ -435,7 +435,7 @@ def main() -> None:
         stdout=(VAR / "bench-api-web.log").open("w"),
         stderr=subprocess.STDOUT,
     )
-    procs = [*workers, web]
+    procs: list[subprocess.Popen] = [*workers, web]  # type: ignore[type-arg]
     # The direct engine lives in this process, loaded before the runs; the two are measured
     # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
     # within minutes on these cores) falls on both alike.
