@@ -33,6 +33,7 @@ django.setup()
 from asgiref.sync import sync_to_async  # noqa: E402
 from django.contrib.auth.models import User  # noqa: E402
 
+from bench.load_client import PROMPTS  # noqa: E402
 from bench.machine import machine_describe  # noqa: E402
 from chat.models import Message  # noqa: E402
 from chat.services import conversation_create  # noqa: E402
@@ -45,13 +46,6 @@ from tests.factories import session_cookie_for  # noqa: E402
 TURNS = int(os.environ.get("BENCH_TURNS", "20"))
 ALIAS = "bench-turn-latency"
 QUEUE = f"bench-{os.getpid()}"
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me two tips for writing clear emails.",
-    "What is a prime number?",
-    "Name three planets in the solar system.",
-    "How do plants make food?",
-]
 
 
 def setup() -> tuple[User, str]:
