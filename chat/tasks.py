@@ -1,11 +1,27 @@
+from typing import Any
+
 from celery import shared_task
+from django.db import OperationalError
 
 from chat.generation import reply_generate
 from chat.knowledge.ingestion import document_ingest, documents_requeue_stale
 from chat.privacy import conversations_purge_expired, documents_purge_expired
 
+# PostgreSQL out of reach or out of connections for a moment (or a lock it gave up waiting for):
+# a generation task is sent again after 1, 2, 4 ... 30 s, rather than failing and leaving its
+# turn pending or its job queued with no task. A run that had begun is met as after a
+# redelivery: a turn is failed and offered for Retry, a job is taken over.
+_RETRY_ON_DATABASE_ERROR: dict[str, Any] = {
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "max_retries": 10,
+}
 
-@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+
+@shared_task(
+    acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY_ON_DATABASE_ERROR
+)
 def generate_reply(message_id: int, attempt: int, deployment_id: int | None = None) -> None:
     reply_generate(message_id=message_id, attempt=attempt, deployment_id=deployment_id)
 
@@ -46,7 +62,9 @@ def requeue_stale_jobs() -> int:
     return jobs_requeue_stale()
 
 
-@shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(
+    acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY_ON_DATABASE_ERROR
+)
 def generate_job(job_id: int, deployment_id: int | None = None, public_id: str = "") -> None:
     from chat.api.generation import job_generate
 

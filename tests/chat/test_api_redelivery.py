@@ -6,7 +6,9 @@ import signal
 import subprocess
 import time
 import uuid
+from urllib.parse import quote
 
+import psycopg
 import pytest
 from django.core.cache import cache
 from django.db import transaction
@@ -248,3 +250,36 @@ def test_an_answer_goes_out_before_its_settle_only_while_its_run_holds_the_lease
         assert not job_event_publish_leased(public_id, answer(2), lease=lease)
     sent = job_answer_sent(public_id)
     assert sent is not None and sent["answered"]["run"] == 1
+
+
+def test_a_job_whose_claim_meets_a_database_error_is_sent_again_and_completes(
+    chat_model, subprocess_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    queue = f"{TEST_QUEUE}-dberror"
+    Deployment.objects.update(queue=queue)
+    job = job_submit(
+        api_key=api_key_for("prog")[0],
+        body={"model": "chat-default", "messages": [{"role": "user", "content": "Hello"}]},
+    )
+    # The job's row held by another transaction, and a worker whose connections give up waiting
+    # for a row lock after 200 ms: its claim fails with a database error (LockNotAvailable).
+    url = subprocess_env["DATABASE_URL"]
+    url += ("&" if "?" in url else "?") + "options=" + quote("-c lock_timeout=200")
+    log = ARTIFACTS / "dberror-worker.log"
+    with psycopg.connect(subprocess_env["DATABASE_URL"]) as holder:
+        holder.execute("SELECT 1 FROM chat_job WHERE id = %s FOR UPDATE", [job.pk])
+        worker = _worker({**subprocess_env, "DATABASE_URL": url}, "dberror", queue)
+        try:
+            _wait(lambda: "retry: Retry in" in log.read_text(errors="replace"), 60, "a retry")
+            holder.commit()
+            deadline = time.monotonic() + 120
+            while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
+                assert time.monotonic() < deadline, (
+                    f"the job was left {job.status}; the worker's log ends:\n"
+                    + log.read_text(errors="replace")[-3000:]
+                )
+                time.sleep(0.2)
+        finally:
+            _stop(worker)
+    assert job.status == "completed" and job.run == 1 and job.content
+    assert "due to lock timeout" in log.read_text(errors="replace")
