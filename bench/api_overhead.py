@@ -235,7 +235,10 @@ class Clients:
             latencies, traces = [], []
             for proc in used:
                 assert proc.stdout is not None
-                answer = json.loads(proc.stdout.readline())
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"client process {proc.pid} stopped; its error is above")
+                answer = json.loads(line)
                 latencies += answer["latencies"]
                 traces += [tuple(t) for t in answer["traces"]]
         TRACES.setdefault(clients, []).extend(traces)
