@@ -12,10 +12,12 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from django.db import connection
 
@@ -114,6 +116,28 @@ def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextmanager
+def worker_past_a_lock_timeout(
+    env: dict[str, str], name: str, queue: str, table: str, row_id: int
+) -> Iterator[Path]:
+    """A worker on `queue` whose connections give up waiting for a row lock after 200 ms,
+    started while another transaction holds row `row_id` of `table`: its task meets a real
+    database error (lock timeout). Yields the worker's log once the task has been sent again
+    after that error and the row is let go; the worker stops on exit."""
+    url = env["DATABASE_URL"]
+    url += ("&" if "?" in url else "?") + "options=" + quote("-c lock_timeout=200")
+    log = ARTIFACTS / f"{name}-worker.log"
+    with psycopg.connect(env["DATABASE_URL"]) as holder:
+        holder.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [row_id])
+        proc = _start_worker({**env, "DATABASE_URL": url}, name, log, queue)
+        try:
+            _wait(lambda: "retry: Retry in" in log.read_text(errors="replace"), 90, "a retry", proc)
+            holder.commit()
+            yield log
+        finally:
+            _stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,7 @@ import signal
 import subprocess
 import time
 import uuid
-from urllib.parse import quote
 
-import psycopg
 import pytest
 from django.core.cache import cache
 from django.db import transaction
@@ -27,7 +25,14 @@ from chat.models import Job
 from governance.models import AuditEvent, QuotaReservation
 from models_admin.models import Deployment
 from tests.chat.api_helpers import api_key_for, job_once_settled
-from tests.conftest import ARTIFACTS, TEST_QUEUE, _start_worker, _stop, _wait
+from tests.conftest import (
+    ARTIFACTS,
+    TEST_QUEUE,
+    _start_worker,
+    _stop,
+    _wait,
+    worker_past_a_lock_timeout,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -261,25 +266,13 @@ def test_a_job_whose_claim_meets_a_database_error_is_sent_again_and_completes(
         api_key=api_key_for("prog")[0],
         body={"model": "chat-default", "messages": [{"role": "user", "content": "Hello"}]},
     )
-    # The job's row held by another transaction, and a worker whose connections give up waiting
-    # for a row lock after 200 ms: its claim fails with a database error (LockNotAvailable).
-    url = subprocess_env["DATABASE_URL"]
-    url += ("&" if "?" in url else "?") + "options=" + quote("-c lock_timeout=200")
-    log = ARTIFACTS / "dberror-worker.log"
-    with psycopg.connect(subprocess_env["DATABASE_URL"]) as holder:
-        holder.execute("SELECT 1 FROM chat_job WHERE id = %s FOR UPDATE", [job.pk])
-        worker = _worker({**subprocess_env, "DATABASE_URL": url}, "dberror", queue)
-        try:
-            _wait(lambda: "retry: Retry in" in log.read_text(errors="replace"), 60, "a retry")
-            holder.commit()
-            deadline = time.monotonic() + 120
-            while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
-                assert time.monotonic() < deadline, (
-                    f"the job was left {job.status}; the worker's log ends:\n"
-                    + log.read_text(errors="replace")[-3000:]
-                )
-                time.sleep(0.2)
-        finally:
-            _stop(worker)
+    with worker_past_a_lock_timeout(subprocess_env, "dberror", queue, "chat_job", job.pk) as log:
+        deadline = time.monotonic() + 120
+        while (job := Job.objects.get(pk=job.pk)).status in ("queued", "running"):
+            assert time.monotonic() < deadline, (
+                f"the job was left {job.status}; the worker's log ends:\n"
+                + log.read_text(errors="replace")[-3000:]
+            )
+            time.sleep(0.2)
     assert job.status == "completed" and job.run == 1 and job.content
     assert "due to lock timeout" in log.read_text(errors="replace")
