@@ -33,10 +33,6 @@ from genai_site.rows import row_insert
 from governance.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
-# Key of the transaction-level advisory lock that serializes the links (migration 0010's
-# `governance_audit_link`), so that two commits cannot both link to the same previous event.
-# Any constant will do; this one is "audit" in ASCII.
-AUDIT_CHAIN_LOCK = 0x6175646974
 # Where the previous event's hash goes in an unlinked event's `hash_input`.
 _PREV_HASH_MARK = "\x1f"
 

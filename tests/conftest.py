@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
@@ -118,14 +118,20 @@ def _stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         proc.kill()
 
 
-@contextmanager
-def worker_past_a_lock_timeout(
-    env: dict[str, str], name: str, queue: str, table: str, row_id: int
-) -> Iterator[Path]:
-    """A worker on `queue` whose connections give up waiting for a row lock after 200 ms,
-    started while another transaction holds row `row_id` of `table`: its task meets a real
-    database error (lock timeout). Yields the worker's log once the task has been sent again
-    after that error and the row is let go; the worker stops on exit."""
+def served_past_a_lock_timeout(
+    env: dict[str, str],
+    name: str,
+    queue: str,
+    table: str,
+    row_id: int,
+    read: Callable[[], Any],
+    waiting: tuple[str, ...],
+) -> tuple[Any, str]:
+    """Serve `queue` with a worker whose connections give up waiting for a row lock after
+    200 ms, started while another transaction holds row `row_id` of `table`: its task meets a
+    real database error (lock timeout). Once the task has been sent again after that error, the
+    row is let go and `read()` is polled until its status is no longer one of `waiting`.
+    Returns what it read last and the worker's log."""
     url = env["DATABASE_URL"]
     url += ("&" if "?" in url else "?") + "options=" + quote("-c lock_timeout=200")
     log = ARTIFACTS / f"{name}-worker.log"
@@ -135,9 +141,16 @@ def worker_past_a_lock_timeout(
         try:
             _wait(lambda: "retry: Retry in" in log.read_text(errors="replace"), 90, "a retry", proc)
             holder.commit()
-            yield log
+            deadline = time.monotonic() + 120
+            while (row := read()).status in waiting:
+                assert time.monotonic() < deadline, (
+                    f"it was left {row.status}; the worker's log ends:\n"
+                    + log.read_text(errors="replace")[-3000:]
+                )
+                time.sleep(0.2)
         finally:
             _stop(proc)
+    return row, log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")

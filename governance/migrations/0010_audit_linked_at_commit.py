@@ -37,7 +37,7 @@ BEGIN
         RAISE EXCEPTION 'audit events are linked under READ COMMITTED only, not %',
             current_setting('transaction_isolation');
     END IF;
-    PERFORM pg_advisory_xact_lock(418581342580);  -- governance.audit.AUDIT_CHAIN_LOCK
+    PERFORM pg_advisory_xact_lock(418581342580);  -- the chain's lock: "audit" in ASCII
     SELECT hash, chain_position INTO head_hash, head_position
     FROM governance_auditevent WHERE chain_position IS NOT NULL
     ORDER BY chain_position DESC LIMIT 1;

@@ -12,7 +12,7 @@ from chat.models import Message
 from chat.services import conversation_create
 from governance.models import BudgetUsage
 from tests.chat.wsclient import communicator, receive, receive_until, send
-from tests.conftest import TEST_QUEUE, worker_past_a_lock_timeout
+from tests.conftest import TEST_QUEUE, served_past_a_lock_timeout
 from tests.factories import PASSWORD, session_cookie_for, user_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -128,18 +128,14 @@ def test_a_turn_whose_claim_meets_a_database_error_is_sent_again_and_answered(
         user=user, conversation_id=conversation_create(user=user).pk, text="Hello?"
     )
     assert outcome.answer is not None
-    with worker_past_a_lock_timeout(
-        subprocess_env, "dberror-turn", queue, "chat_message", outcome.answer.pk
-    ) as log:
-        deadline = time.monotonic() + 120
-        while (answer := Message.objects.get(pk=outcome.answer.pk)).status in (
-            "pending",
-            "streaming",
-        ):
-            assert time.monotonic() < deadline, (
-                f"the answer was left {answer.status}; the worker's log ends:\n"
-                + log.read_text(errors="replace")[-3000:]
-            )
-            time.sleep(0.2)
+    answer, log = served_past_a_lock_timeout(
+        subprocess_env,
+        "dberror-turn",
+        queue,
+        "chat_message",
+        outcome.answer.pk,
+        read=lambda: Message.objects.get(pk=outcome.answer.pk),  # type: ignore[union-attr]
+        waiting=("pending", "streaming"),
+    )
     assert answer.status == "complete" and answer.attempt == 1 and answer.content
-    assert "due to lock timeout" in log.read_text(errors="replace")
+    assert "due to lock timeout" in log
