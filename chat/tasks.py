@@ -20,10 +20,21 @@ _RETRY_ON_DATABASE_ERROR: dict[str, Any] = {
 
 
 @shared_task(
-    acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY_ON_DATABASE_ERROR
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    **_RETRY_ON_DATABASE_ERROR,
 )
-def generate_reply(message_id: int, attempt: int, deployment_id: int | None = None) -> None:
-    reply_generate(message_id=message_id, attempt=attempt, deployment_id=deployment_id)
+def generate_reply(
+    self: Any, message_id: int, attempt: int, deployment_id: int | None = None
+) -> None:
+    reply_generate(
+        message_id=message_id,
+        attempt=attempt,
+        deployment_id=deployment_id,
+        retried=self.request.retries > 0,
+    )
 
 
 @shared_task(acks_late=True, reject_on_worker_lost=True, ignore_result=True)

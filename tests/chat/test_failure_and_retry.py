@@ -139,3 +139,34 @@ def test_a_turn_whose_claim_meets_a_database_error_is_sent_again_and_answered(
     )
     assert answer.status == "complete" and answer.attempt == 1 and answer.content
     assert "due to lock timeout" in log
+
+
+@pytest.mark.parametrize(
+    ("retries", "reason"),
+    [
+        (0, "The worker stopped in the middle of this answer."),
+        (1, "A database error interrupted this answer."),
+    ],
+)
+def test_a_turn_met_again_mid_answer_is_failed_with_its_cause(
+    chat_model, retries: int, reason: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A delivery that finds its own turn already streaming fails it for Retry, naming why:
+    its worker stopped (a redelivery) or a database error stopped it (the task sent again)."""
+    from chat.services import turn_submit
+    from chat.tasks import generate_reply
+    from models_admin.models import Deployment
+
+    # No worker serves this queue: the turn is left pending for the test to run.
+    Deployment.objects.update(queue=f"{TEST_QUEUE}-unserved")
+    user = user_create(username=f"dave{retries}")
+    outcome = turn_submit(
+        user=user, conversation_id=conversation_create(user=user).pk, text="Hello?"
+    )
+    assert outcome.answer is not None
+    Message.objects.filter(pk=outcome.answer.pk).update(status=Message.Status.STREAMING)
+    generate_reply.apply(args=(outcome.answer.pk, 1), retries=retries)
+    answer = Message.objects.get(pk=outcome.answer.pk)
+    assert answer.status == Message.Status.FAILED
+    assert answer.error == reason
+    assert BudgetUsage.objects.get(user=user, period="day").tokens_reserved == 0
