@@ -23,12 +23,13 @@ platform's added latency follows the CPU its own code takes per request.
 
 `BENCH_CLIENTS` (default 1,10,50) chooses the levels, and `BENCH_REQUESTS_1`, `BENCH_REQUESTS_10`
 and `BENCH_REQUESTS_50` the requests at each (40, 100 and 200 by default; a p99 of 100 requests is
-their second slowest, so take 1,000 or more where the p99 matters); `BENCH_MODEL_DIR` serves a safetensors model directory instead of the default model (on a
-machine without its package, such as a GPU machine with a random-weight model of its shape), and
-`BENCH_MODEL_DIR=tiny` a Llama of 2 layers and 64 dimensions with random weights and the default
-model's tokenizer: on a CPU machine, where the default model fills the cores, it answers in about
-a millisecond, so that the platform's own latency and CPU show at every level. The
-worker has as many task threads as `make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
+their second slowest, so take 1,000 or more where the p99 matters). `BENCH_MODEL_DIR` serves a
+safetensors model directory instead of the default model (on a machine without its package, such
+as a GPU machine with a random-weight model of its shape), and `BENCH_MODEL_DIR=tiny` a Llama of 2
+layers and 64 dimensions with random weights and the default model's tokenizer: on a CPU machine,
+where the default model fills the cores, it answers in about a millisecond, so that the
+platform's own latency and CPU show at every level. The worker has as many task threads as
+`make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
 `BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` (uvicorn's
 own setting) that many web processes for the API; the bare endpoint stays one process.
 `BENCH_USERS` spreads the clients over that many users (default 1), each with its own key and
@@ -76,6 +77,7 @@ from bench.load_client import PROMPTS, Trace, http_run  # noqa: E402
 from bench.machine import machine_describe  # noqa: E402
 from genai_site.embedded import free_port  # noqa: E402
 from genai_site.launcher import default_concurrency, web_command, worker_command  # noqa: E402
+from genai_site.process import long_lived_freeze  # noqa: E402
 from governance.api_keys import api_key_create  # noqa: E402
 from governance.models import UsageLimit  # noqa: E402
 from models_admin.engine import SamplingParams, engine_get  # noqa: E402
@@ -479,6 +481,10 @@ def main() -> None:
             sha256=version.sha256,
             context_window=version.context_window,
         )
+        # This process measures (the engine in process, and the client when it runs here):
+        # a full garbage collection of its start-up objects would stop it, as it stops the
+        # platform's own processes without this (genai_site.process).
+        long_lived_freeze()
         for worker, log in zip(workers, worker_logs, strict=True):
             _wait_for(lambda log=log: "ready." in log.read_text(errors="replace"), "worker", worker)
 

@@ -21,6 +21,7 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "genai_site.settings")
 django.setup()
 
+from genai_site.process import long_lived_freeze  # noqa: E402
 from models_admin.engine import SamplingParams, engine_get  # noqa: E402
 from models_admin.models import Deployment  # noqa: E402
 from models_admin.store import artifact_dir  # noqa: E402
@@ -32,6 +33,9 @@ _engine = engine_get(
     sha256=_version.sha256,
     context_window=_version.context_window,
 )
+# Its start-up objects out of full garbage collections, as the platform's web processes and
+# workers leave theirs (genai_site.process).
+long_lived_freeze()
 # A thread per request in flight, as the benchmark's in-process baseline has: the engine
 # batches up to its own slots and queues the rest, as it does for the worker's threads.
 _threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="direct")

@@ -17,11 +17,19 @@ def _engines_preload(sender: Any, **kwargs: Any) -> None:
     """Load the models of this worker's queues in the background as it starts (`ENGINE_PRELOAD=0`
     leaves each to its first request). Tasks that arrive meanwhile wait for the load, as they
     would for a first load anyway."""
+    from genai_site.process import long_lived_freeze
+
     if os.environ.get("ENGINE_PRELOAD", "1") == "0":
+        long_lived_freeze()
         return
     from models_admin.backends.local import local_engines_preload
 
+    def preload(queues: list[str]) -> None:
+        try:
+            local_engines_preload(queues=queues)
+        finally:
+            # The models, PyTorch and transformers are loaded: the worker's long-lived objects.
+            long_lived_freeze()
+
     queues = sorted(sender.app.amqp.queues.consume_from)
-    threading.Thread(
-        target=local_engines_preload, kwargs={"queues": queues}, name="engine-preload", daemon=True
-    ).start()
+    threading.Thread(target=preload, args=(queues,), name="engine-preload", daemon=True).start()
