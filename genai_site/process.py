@@ -2,12 +2,13 @@
 
 Python's collector walks every tracked object in a full (generation 2) collection. A web
 process holds about 150,000 of them once Django, Channels, django-ninja and Celery are
-imported, and a worker 320,000 with PyTorch and transformers: one full collection took 90 ms
-in the first and 170 ms in the second on 2 cores, during which the process runs nothing else.
-A full collection comes every so many thousand allocations that live on, so under load each
-process stopped about once a minute, and every request it held waited: the slowest
-percent of requests. Almost all of those objects (modules, classes, functions, settings, the
-model's modules) live as long as the process.
+imported, and a worker about 520,000 with PyTorch, transformers and a model loaded. On 2 cores
+one full collection took 90 ms in the first and 170 ms in the second when idle, up to 150 and
+340 ms under load, during which the process runs nothing else. A full collection comes every
+so many thousand allocations that live on, so under load each process stopped about once a
+minute, and every request it held waited: the slowest percent of requests. Almost all of
+those objects (modules, classes, functions, settings, the model's modules) live as long as the
+process.
 """
 
 import gc
