@@ -179,15 +179,13 @@ def spare_worker(subprocess_env: dict[str, str]) -> Iterator[tuple[subprocess.Po
         _stop(proc)
 
 
-@pytest.fixture(scope="session")
-def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
-    """The real ASGI application under the web server (uvicorn), against the test database."""
+def web_server_start(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
+    """The web server (uvicorn) with `env`, once it listens: the process and its base URL."""
     port = free_port()
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "web.log"
+    log.parent.mkdir(exist_ok=True)
     proc = subprocess.Popen(
         web_command("127.0.0.1", port),
-        env=subprocess_env,
+        env=env,
         cwd=BASE_DIR,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -198,7 +196,14 @@ def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
             return sock.connect_ex(("127.0.0.1", port)) == 0
 
     _wait(listening, 60, "the web server", proc)
-    yield f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def live_asgi_server(subprocess_env: dict[str, str]) -> Iterator[str]:
+    """The real ASGI application under the web server (uvicorn), against the test database."""
+    proc, base = web_server_start(subprocess_env, ARTIFACTS / "web.log")
+    yield base
     _stop(proc)
 
 

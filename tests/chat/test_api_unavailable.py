@@ -3,7 +3,6 @@ try again (503 with Retry-After and OpenAI's error object), not given a 500; one
 already queued is given the job instead, so that trying again cannot run it twice."""
 
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -17,32 +16,9 @@ import pytest
 from django.db import connection
 
 from chat.models import Job
-from genai_site.embedded import free_port
-from genai_site.launcher import web_command
 from models_admin.models import Deployment
 from tests.chat.api_helpers import key_for
-from tests.conftest import BASE_DIR, TEST_QUEUE, _stop, _wait
-
-
-def _web_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
-    port = free_port()
-    proc = subprocess.Popen(
-        web_command("127.0.0.1", port),
-        env=env,
-        cwd=BASE_DIR,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-    def listening() -> bool:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v1/openapi.json", timeout=5)
-        except httpx.TransportError:
-            return False
-        return True
-
-    _wait(listening, 60, "the web server", proc)
-    return proc, f"http://127.0.0.1:{port}"
+from tests.conftest import TEST_QUEUE, _stop, _wait, web_server_start
 
 
 @pytest.fixture
@@ -50,7 +26,7 @@ def server_without_database(subprocess_env: dict[str, str], tmp_path: Path) -> I
     """The web server with a database URL naming a database that does not exist: every
     connection the pool makes is refused, as when PostgreSQL has no connection slot left."""
     url = urlsplit(subprocess_env["DATABASE_URL"])
-    proc, base = _web_server(
+    proc, base = web_server_start(
         {
             **subprocess_env,
             "DATABASE_URL": urlunsplit(url._replace(path="/genai_no_such_database")),
@@ -150,7 +126,7 @@ def test_a_call_whose_job_is_queued_gets_the_job_when_the_database_goes_away(
         else f"{s['USER']}:{s['PASSWORD']}@127.0.0.1:{link.port}",
         query="",
     )
-    proc, base = _web_server(
+    proc, base = web_server_start(
         {
             **subprocess_env,
             "DATABASE_URL": urlunsplit(relayed),
