@@ -143,9 +143,11 @@ def serve_routed(
             result, text = cached
             on_text(text)
             return result
+        started = time.perf_counter()
         result = backend.generate(
             prepared.prompt, prepared.params, on_text=on_text, cancelled=cancelled
         )
+        result.model_seconds = time.perf_counter() - started
         prepared.reply_cache.store(result)
         return result
 

@@ -72,6 +72,9 @@ class GenerationResult:
     token_logprobs: list[float] = field(default_factory=list)
     # Which response cache answered ("exact", "semantic"), or "" when the model did.
     cache: str = ""
+    # The model's call that gave this answer, from the request to its end (its wait for a slot
+    # in the engine included), as the platform's caller timed it; 0 for a cache's answer.
+    model_seconds: float = 0.0
 
     @property
     def mean_logprob(self) -> float | None:

@@ -47,14 +47,19 @@ SETTLED_FIELDS = (
 
 
 def job_end_event(
-    settled: dict[str, Any], *, answered: dict[str, Any] | None = None
+    settled: dict[str, Any],
+    *,
+    answered: dict[str, Any] | None = None,
+    model_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The `end` event of a job the worker settled with these fields: a caller waiting on the
     job answers from them without reading the row again.
 
     `answered` goes with an answer sent before its settle committed (`chat.api.generation`):
     what a later run needs to settle the job as that answer, should this run's worker stop
-    first (the answering run, the version that answered, which cache, if any, answered)."""
+    first (the answering run, the version that answered, which cache, if any, answered).
+    `model_seconds`: how long the model took to answer (retries and fallbacks included), which
+    the waiting call reports in its `Server-Timing` header."""
     return {
         "type": "end",
         "status": str(settled["status"]),
@@ -65,6 +70,7 @@ def job_end_event(
             "finished_at": settled["finished_at"].isoformat(),
         },
         **({"answered": answered} if answered is not None else {}),
+        **({"model_seconds": model_seconds} if model_seconds is not None else {}),
     }
 
 

@@ -345,7 +345,7 @@ def _settle(
         and outcome.review is None
     ):
         answered = {"run": job.run, "model_version_id": version.pk, "cache": result.cache}
-        answer = job_end_event(settled, answered=answered)
+        answer = job_end_event(settled, answered=answered, model_seconds=result.model_seconds)
     sent = answer is not None and job_event_publish_leased(job.public_id, answer, lease=lease)
     with transaction.atomic():
         # Only if this run still holds the job: a redelivered task that claimed it since has
@@ -417,7 +417,8 @@ def _settle(
                 primary_ttft_ms=result.time_to_first_token_s * 1000,
             )
         if answer is None:
-            transaction.on_commit(partial(job_event_publish, job.public_id, job_end_event(settled)))
+            end = job_end_event(settled, model_seconds=result.model_seconds)
+            transaction.on_commit(partial(job_event_publish, job.public_id, end))
 
 
 def _settle_sent(job: Job, end: dict[str, Any]) -> None:

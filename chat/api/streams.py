@@ -53,11 +53,12 @@ async def job_progress(job: Job) -> AsyncGenerator[dict[str, Any], None]:
                 return
 
 
-async def job_wait(job: Job) -> Job:
-    """The job once it has ended, or as it is after API_WAIT_SECONDS. A worker's end event
-    carries the fields it settles: the job is answered from them without reading its row
-    again. (For a caller that waits for the whole answer, the worker sends them before its
-    settle commits; see `chat.api.generation`.)"""
+async def job_wait(job: Job) -> tuple[Job, float | None]:
+    """The job once it has ended, or as it is after API_WAIT_SECONDS, and how long the model
+    took to answer when the worker's end event says. That event carries the fields the worker
+    settles: the job is answered from them without reading its row again. (For a caller that
+    waits for the whole answer, the worker sends them before its settle commits; see
+    `chat.api.generation`.)"""
 
     async def until_end() -> dict[str, Any] | None:
         async with aclosing(job_progress(job)) as progress:
@@ -73,10 +74,11 @@ async def job_wait(job: Job) -> Job:
         pass
     settled = job_settled(end)
     if settled is None:
-        return await Job.objects.aget(pk=job.pk)
+        return await Job.objects.aget(pk=job.pk), None
     for name, value in settled.items():
         setattr(job, name, value)
-    return job
+    model_seconds = (end or {}).get("model_seconds")
+    return job, model_seconds if isinstance(model_seconds, int | float) else None
 
 
 async def completion_chunks(

@@ -201,13 +201,15 @@ async def chat_completions(request: HttpRequest, body: ChatCompletionIn) -> Any:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _event_stream(completion_chunks(job, api_key=api_key, include_usage=include_usage))
     try:
-        job = await job_wait(job)
+        job, model_seconds = await job_wait(job)
     except OperationalError as exc:
         # The job is queued and will run: a 503 now would have the program (the openai SDK
         # retries one by itself) queue and pay for the same completion again. It gets the job
         # to follow instead, as when the answer takes longer than the server waits.
         logger.warning("Database unavailable while %s was awaited: %s", job.public_id, exc)
         return Status(202, job_body(job))
+    # Reported in the answer's Server-Timing header (genai_site.api_handler).
+    request.model_seconds = model_seconds  # type: ignore[attr-defined]
     if job.status in (Job.Status.COMPLETED, Job.Status.CANCELLED):
         return Status(200, completion_body(job))
     if job.status == Job.Status.FAILED:

@@ -4,6 +4,7 @@ worker and the real model. The test model answers greedily in at most 48 tokens;
 """
 
 import json
+import re
 import time
 from typing import cast
 
@@ -69,6 +70,37 @@ def test_a_completion_through_the_sdk_answers_with_usage_and_is_audited(
     # Its caller waited for the whole answer: the worker published the end and nothing else.
     events = redis.Redis.from_url(settings.REDIS_URL).xrange(f"genai:job:{job.public_id}:events")
     assert [json.loads(f[b"e"])["type"] for _, f in cast(list, events)] == ["end"]
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    return {name: float(dur) for name, dur in re.findall(r"(\w+);dur=([0-9.]+)", header)}
+
+
+def test_an_answer_says_in_server_timing_what_the_platform_added_to_the_models_time(
+    live_asgi_server: str,
+) -> None:
+    client = sdk(live_asgi_server, key_for())
+    started = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(
+        model="chat-default", messages=FRANCE, max_tokens=8
+    )
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    timing = _server_timing(raw.headers["server-timing"])
+
+    assert set(timing) == {"total", "model", "platform"}
+    assert timing["platform"] == pytest.approx(timing["total"] - timing["model"], abs=0.02)
+    assert 0 < timing["model"] < timing["total"] < elapsed_ms
+    # Against the job's own times: the model ran between the worker's claim and its settle,
+    # and the request took in everything from the job's row to that settle.
+    job = job_once_settled(raw.parse().id)
+    assert job.started_at and job.finished_at
+    assert timing["model"] <= (job.finished_at - job.started_at).total_seconds() * 1000
+    assert timing["total"] >= (job.finished_at - job.created_at).total_seconds() * 1000
+    # An answer without a model's call (a refusal here) gives the total alone.
+    with http(live_asgi_server, "gsk_not-a-key") as bad:
+        refused = bad.post("/chat/completions", json={"model": "chat-default", "messages": FRANCE})
+    assert refused.status_code == 401
+    assert set(_server_timing(refused.headers["server-timing"])) == {"total"}
 
 
 def test_a_streamed_completion_arrives_in_chunks_with_a_usage_chunk_and_done(
