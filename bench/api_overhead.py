@@ -1,13 +1,14 @@
 """What the /v1 API adds to a non-streamed chat completion, against calling the engine directly.
 
 For 1, 10 and 50 concurrent clients: the latency of `POST /v1/chat/completions` (max_tokens=1,
-so the model's own share is one prefill and one token) through the real stack: uvicorn, API key
-authentication, input safety filters, routing, admission (Redis rate limits, budgets in
-PostgreSQL), audit, the job row, the enqueue through Redis, worker pickup, the engine, output
-filters, settling and the event back through a Redis stream. Then the same prompts, at the same
-concurrency, given straight to an engine in this process (`Engine.generate`), in alternating
-rounds with the API's. The platform's added latency is the difference of the two distributions
-at each percentile.
+so the model's own share is one prefill and one token; `BENCH_MAX_TOKENS` asks for longer
+answers, greedy, so that the engine in both setups gives the same tokens) through the real
+stack: uvicorn, API key authentication, input safety filters, routing, admission (Redis rate
+limits, budgets in PostgreSQL), audit, the job row, the enqueue through Redis, worker pickup,
+the engine, output filters, settling and the event back through a Redis stream. Then the same
+prompts, at the same concurrency, given straight to an engine in this process
+(`Engine.generate`), in alternating rounds with the API's. The platform's added latency is the
+difference of the two distributions at each percentile.
 
 A second baseline calls the engine over HTTP (`bench/direct_asgi.py`: a bare endpoint under the
 same server, with the same client), as a program would call an inference server of its own; the
@@ -18,6 +19,11 @@ It also prints the CPU time each request costs, by process (the API's web proces
 PostgreSQL, Redis, this client; the bare endpoint; the engine in this process), from the
 processes' own counters around each round. On a machine whose cores the engine fills, the
 platform's added latency follows the CPU its own code takes per request.
+
+And it prints what each answer's `Server-Timing` header says: the platform's time (from the web
+process's receipt of the request to its answer, less the model's call) and the model's. That
+is how gateways publish their overhead, measured inside the server; unlike the differences above,
+it leaves out the wait before a web process takes the request up and the client's own time.
 
     python -m genai_site.launcher run -- python bench/api_overhead.py
 
@@ -108,6 +114,7 @@ WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 # Each with a key and a daily budget of its own; client i uses user i modulo this.
 USERS = int(os.environ.get("BENCH_USERS", "1"))
 PG_WAITS = os.environ.get("BENCH_PG_WAITS") == "1"
+MAX_TOKENS = int(os.environ.get("BENCH_MAX_TOKENS", "1"))
 CLIENT_PROCESSES = int(os.environ.get("BENCH_CLIENT_PROCESSES", "1"))
 WEB_PROCESSES = int(os.environ.get("WEB_CONCURRENCY") or 1)
 
@@ -184,7 +191,7 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen) -> None:  # type: ig
         time.sleep(0.2)
 
 
-# (sent, received, job id) per request, wall-clock seconds: the same clock as the rows' times.
+# Each API request's trace (`bench.load_client.Trace`), by level.
 TRACES: dict[int, list[Trace]] = {}
 
 
@@ -211,7 +218,14 @@ class Clients:
     def run(self, base: str, keys: list[str] | None, clients: int, total: int) -> list[float]:
         if not self.procs:
             latencies, traces = asyncio.run(
-                http_run(base=base, alias=ALIAS, keys=keys, clients=clients, total=total)
+                http_run(
+                    base=base,
+                    alias=ALIAS,
+                    keys=keys,
+                    clients=clients,
+                    total=total,
+                    max_tokens=MAX_TOKENS,
+                )
             )
         else:
             # Clients and requests in even shares, each process's clients numbered on from the
@@ -233,6 +247,7 @@ class Clients:
                     "clients": share_clients,
                     "total": share_total,
                     "first_client": first,
+                    "max_tokens": MAX_TOKENS,
                 }
                 first += share_clients
                 assert proc.stdin is not None
@@ -252,7 +267,7 @@ class Clients:
 
 
 def engine_run(engine, version, clients: int, total: int) -> list[float]:  # type: ignore[no-untyped-def]
-    params = SamplingParams(max_tokens=1, temperature=0.0, top_p=version.top_p)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, top_p=version.top_p)
     prompts = [
         engine.encode_chat(
             [
@@ -286,7 +301,7 @@ def stages(clients: int) -> list[tuple[str, float, float, float]]:
         )
     }
     spans: dict[str, list[float]] = {"in": [], "queue": [], "worker": [], "out": []}
-    for sent, received, public_id in TRACES[clients]:
+    for sent, received, public_id, _, _ in TRACES[clients]:
         job = rows[public_id]
         assert job.started_at is not None and job.finished_at is not None
         created, started = job.created_at.timestamp(), job.started_at.timestamp()
@@ -525,7 +540,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    print("# /v1 API overhead: non-streamed chat completion, max_tokens=1")
+    print(f"# /v1 API overhead: non-streamed chat completion, max_tokens={MAX_TOKENS}")
     print(f"# machine: {machine_describe()}")
     model = os.environ.get("BENCH_MODEL_DIR") or "SmolLM2-135M-Instruct"
     print(
@@ -543,6 +558,19 @@ def main() -> None:
     _table(LEVELS, api, over_http)
     print()
     print("All figures in milliseconds. 'added' = API percentile minus baseline percentile.")
+    print()
+    print(
+        "As the platform reports it (each answer's Server-Timing header: `platform` is its total"
+        " less the model's call, from the web process's receipt of the request to its answer):"
+    )
+    print()
+    print("| clients | platform median | p95 | p99 | model median | p95 | p99 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for clients in LEVELS:
+        platform_ms = [t[3] for t in TRACES[clients]]
+        model_ms = [t[4] for t in TRACES[clients]]
+        cells = [percentile(v, q) for v in (platform_ms, model_ms) for q in (0.5, 0.95, 0.99)]
+        print(f"| {clients} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
     print()
     print("CPU time per request (ms), by process, and requests a second, in each kind of round:")
     print()

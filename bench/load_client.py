@@ -8,7 +8,8 @@ measures. `api_overhead.py` runs the requests in this process when `BENCH_CLIENT
 
     python -m bench.load_client
 
-reading one round a line on stdin (JSON: base, alias, keys, clients, total, first_client) and
+reading one round a line on stdin (JSON: base, alias, keys, clients, total, first_client,
+max_tokens) and
 answering each with a line of JSON (latencies, traces). It imports nothing of the project's, so a
 copy costs only httpx.
 """
@@ -33,7 +34,20 @@ PROMPTS = [
 # bare endpoint's rounds alike.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-Trace = tuple[float, float, str]
+# (sent, received, job id, the platform's and the model's ms from the Server-Timing header)
+Trace = tuple[float, float, str, float, float]
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`Server-Timing: total;dur=12.3, model;dur=1.6, ...` as {"total": 12.3, "model": 1.6}."""
+    metrics = {}
+    for metric in header.split(","):
+        name, _, params = metric.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                metrics[name] = float(value)
+    return metrics
 
 
 async def http_run(
@@ -44,11 +58,13 @@ async def http_run(
     clients: int,
     total: int,
     first_client: int = 0,
+    max_tokens: int = 1,
 ) -> tuple[list[float], list[Trace]]:
     """`total` requests from `clients` clients at once: to the /v1 API, client i with
     `keys[(first_client + i) % len(keys)]`, or to the bare engine endpoint without keys.
-    Returns each request's latency (ms) and, for the API, its (sent, received, job id) in
-    wall-clock seconds: the same clock as the job rows' times."""
+    Returns each request's latency (ms) and, for the API, its trace: sent and received in
+    wall-clock seconds (the same clock as the job rows' times), the job's id, and the platform's
+    and the model's time as the response's Server-Timing header gives them (ms)."""
     latencies: list[float] = []
     traces: list[Trace] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -64,7 +80,7 @@ async def http_run(
                 body = {
                     "model": alias,
                     "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": 1,
+                    "max_tokens": max_tokens,
                 }
                 sent = time.time()
                 started = time.perf_counter()
@@ -74,7 +90,16 @@ async def http_run(
                 latencies.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200, response.text
                 if keys:
-                    traces.append((sent, time.time(), response.json()["id"]))
+                    timing = server_timing(response.headers["server-timing"])
+                    traces.append(
+                        (
+                            sent,
+                            time.time(),
+                            response.json()["id"],
+                            timing["platform"],
+                            timing["model"],
+                        )
+                    )
 
         await asyncio.gather(*(one_client(first_client + n) for n in range(clients)))
     return latencies, traces
