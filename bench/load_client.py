@@ -9,9 +9,8 @@ measures. `api_overhead.py` runs the requests in this process when `BENCH_CLIENT
     python -m bench.load_client
 
 reading one round a line on stdin (JSON: base, alias, keys, clients, total, first_client,
-max_tokens) and
-answering each with a line of JSON (latencies, traces). It imports nothing of the project's, so a
-copy costs only httpx.
+max_tokens) and answering each with a line of JSON (latencies, traces). It imports nothing of the
+project's, so a copy costs only httpx.
 """
 
 import asyncio

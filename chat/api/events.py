@@ -58,8 +58,9 @@ def job_end_event(
     `answered` goes with an answer sent before its settle committed (`chat.api.generation`):
     what a later run needs to settle the job as that answer, should this run's worker stop
     first (the answering run, the version that answered, which cache, if any, answered).
-    `model_seconds`: how long the model took to answer (retries and fallbacks included), which
-    the waiting call reports in its `Server-Timing` header."""
+    `model_seconds`: how long the model's call that gave the answer took
+    (`GenerationResult.model_seconds`), which the waiting call reports in its `Server-Timing`
+    header."""
     return {
         "type": "end",
         "status": str(settled["status"]),
