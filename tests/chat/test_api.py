@@ -4,7 +4,6 @@ worker and the real model. The test model answers greedily in at most 48 tokens;
 """
 
 import json
-import re
 import time
 from typing import cast
 
@@ -15,6 +14,7 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from openai.types.chat import ChatCompletionMessageParam
 
+from bench.load_client import server_timing
 from chat.models import Job
 from governance.models import (
     AuditEvent,
@@ -72,10 +72,6 @@ def test_a_completion_through_the_sdk_answers_with_usage_and_is_audited(
     assert [json.loads(f[b"e"])["type"] for _, f in cast(list, events)] == ["end"]
 
 
-def _server_timing(header: str) -> dict[str, float]:
-    return {name: float(dur) for name, dur in re.findall(r"(\w+);dur=([0-9.]+)", header)}
-
-
 def test_an_answer_says_in_server_timing_what_the_platform_added_to_the_models_time(
     live_asgi_server: str,
 ) -> None:
@@ -85,7 +81,7 @@ def test_an_answer_says_in_server_timing_what_the_platform_added_to_the_models_t
         model="chat-default", messages=FRANCE, max_tokens=8
     )
     elapsed_ms = (time.perf_counter() - started) * 1000
-    timing = _server_timing(raw.headers["server-timing"])
+    timing = server_timing(raw.headers["server-timing"])
 
     assert set(timing) == {"total", "model", "platform"}
     assert timing["platform"] == pytest.approx(timing["total"] - timing["model"], abs=0.02)
@@ -100,7 +96,7 @@ def test_an_answer_says_in_server_timing_what_the_platform_added_to_the_models_t
     with http(live_asgi_server, "gsk_not-a-key") as bad:
         refused = bad.post("/chat/completions", json={"model": "chat-default", "messages": FRANCE})
     assert refused.status_code == 401
-    assert set(_server_timing(refused.headers["server-timing"])) == {"total"}
+    assert set(server_timing(refused.headers["server-timing"])) == {"total"}
 
 
 def test_a_streamed_completion_arrives_in_chunks_with_a_usage_chunk_and_done(
