@@ -8,7 +8,9 @@ same length by ignoring end-of-sequence). Runs without Django or a database:
 
 DIR holds a tokenizer (the default model's tokenizer files). Prints, per model: sequential
 `generate()` tokens/s, `generate_batch` at N streams, ours at 1 and N streams, our time to first
-token at N streams with long prompts, and model bandwidth utilisation at one stream.
+token at N streams with long prompts, and model bandwidth utilisation at one stream. For ours, also
+the host's CPU time per token (every thread of this process), and both again with the host
+spinning while it waits for the device instead of sleeping (`LlamaRunner.sleep_while_waiting`).
 """
 
 import argparse
@@ -132,7 +134,7 @@ def bench_transformers(
             )
         torch.cuda.synchronize()
         sequential = runs * tokens / (time.perf_counter() - t0)
-        rows.append(f"| transformers generate(), sequential | {sequential:.0f} | | 1.0x |")
+        rows.append(f"| transformers generate(), sequential | {sequential:.0f} | | 1.0x | | |")
     # generate_batch manages its own inference mode (it fails inside ours).
     try:
         config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
@@ -144,10 +146,11 @@ def bench_transformers(
         total = produced / wall
         rows.append(
             f"| transformers generate_batch, {len(prompts)} streams ({produced} tokens) "
-            f"| {total:.0f} | | {total / sequential:.1f}x | |"
+            f"| {total:.0f} | | {total / sequential:.1f}x | | |"
         )
     except Exception as exc:  # its API moves between releases; say why it is missing
-        rows.append(f"| transformers generate_batch | failed: {type(exc).__name__}: {exc} | | |")
+        failure = f"failed: {type(exc).__name__}: {exc}"
+        rows.append(f"| transformers generate_batch | {failure} | | | | |")
     del model
     torch.cuda.empty_cache()
     return rows, sequential
@@ -155,7 +158,9 @@ def bench_transformers(
 
 def run_streams(
     engine: Engine, prompts: list[list[int]], tokens: int
-) -> tuple[float, list[GenerationResult]]:
+) -> tuple[float, list[GenerationResult], float]:
+    """Tokens per second over all streams, each stream's result, and this process's CPU time
+    (all its threads) per token in microseconds."""
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     results: list[GenerationResult | None] = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts))
@@ -165,14 +170,15 @@ def run_streams(
         results[i] = engine.generate(prompts[i], params)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     done = [r for r in results if r is not None]
-    return sum(r.completion_tokens for r in done) / wall, done
+    produced = sum(r.completion_tokens for r in done)
+    return produced / wall, done, cpu / produced * 1e6
 
 
 def bench_ours(
@@ -193,32 +199,46 @@ def bench_ours(
     run_streams(engine, long[:1], tokens)
     run_streams(engine, short, tokens)
     rows = []
-    single = [run_streams(engine, [p], tokens)[1][0] for p in short[:3]]
+    runs = [run_streams(engine, [p], tokens) for p in short[:3]]
+    single = [done[0] for _, done, _ in runs]
     rate = statistics.median(r.tokens_per_second for r in single)
+    cpu = statistics.median(c for _, _, c in runs)
     weight_bytes = params_count * 2  # bf16
     mbu = weight_bytes * rate / bandwidth
     first_ms = statistics.median(r.time_to_first_token_s for r in single) * 1000
     rows.append(
         f"| ours, 1 stream | {rate:.0f} | {first_ms:.1f} "
-        f"| {rate / sequential:.1f}x | MBU {mbu * 100:.0f}% |"
+        f"| {rate / sequential:.1f}x | {cpu:.0f} | MBU {mbu * 100:.0f}% |"
     )
-    total, done = run_streams(engine, short, tokens)
+    total, done, cpu = run_streams(engine, short, tokens)
     ttft = [r.time_to_first_token_s * 1000 for r in done]
     rows.append(
         f"| ours, {streams} streams, short prompts | {total:.0f} | "
-        f"{statistics.median(ttft):.1f} / {_p(ttft, 0.95):.1f} | {total / sequential:.1f}x | |"
+        f"{statistics.median(ttft):.1f} / {_p(ttft, 0.95):.1f} | {total / sequential:.1f}x "
+        f"| {cpu:.0f} | |"
     )
-    total, done = run_streams(engine, long, tokens)
+    total, done, cpu = run_streams(engine, long, tokens)
     ttft = [r.time_to_first_token_s * 1000 for r in done]
     rows.append(
         f"| ours, {streams} streams, {len(long[0])}-token prompts | {total:.0f} | "
-        f"{statistics.median(ttft):.1f} / {_p(ttft, 0.95):.1f} | {total / sequential:.1f}x | |"
+        f"{statistics.median(ttft):.1f} / {_p(ttft, 0.95):.1f} | {total / sequential:.1f}x "
+        f"| {cpu:.0f} | |"
     )
+    # The host spinning on the device instead of sleeping (LlamaRunner.sleep_while_waiting).
+    engine.runner.sleep_while_waiting = False
+    for count in (1, streams):
+        total, done, cpu = run_streams(engine, short[:count], tokens)
+        first = statistics.median(r.time_to_first_token_s * 1000 for r in done)
+        rows.append(
+            f"| ours, {count} stream(s), short prompts, host spins while waiting | {total:.0f} "
+            f"| {first:.1f} | {total / sequential:.1f}x | {cpu:.0f} | |"
+        )
+    engine.runner.sleep_while_waiting = True
     engine.runner.use_graphs = False
-    eager_rate = run_streams(engine, short[:1], tokens)[1][0].tokens_per_second
+    eager_rate, _, cpu = run_streams(engine, short[:1], tokens)
     rows.append(
         f"| ours, 1 stream, CUDA graphs off | {eager_rate:.0f} | "
-        f"| {eager_rate / sequential:.1f}x | |"
+        f"| {eager_rate / sequential:.1f}x | {cpu:.0f} | |"
     )
     return rows
 
@@ -272,8 +292,11 @@ def main() -> None:
             print()
             print(f"## {name}: {params_count / 1e6:.0f}M parameters, bf16")
             print()
-            print("| row | tokens/s | TTFT p50 / p95 ms | vs sequential generate() | |")
-            print("| --- | ---: | ---: | ---: | --- |")
+            print(
+                "| row | tokens/s | TTFT p50 / p95 ms | vs sequential generate() "
+                "| host CPU µs/token | |"
+            )
+            print("| --- | ---: | ---: | ---: | ---: | --- |")
             for row in rows:
                 print(row)
             sys.stdout.flush()

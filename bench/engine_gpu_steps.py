@@ -150,7 +150,7 @@ def profile(
         run_streams(engine, long, 16)
         firsts: list[float] = []
         for _ in range(3):
-            _total, done = run_streams(engine, long, 16)
+            _total, done, _cpu = run_streams(engine, long, 16)
             firsts += [r.time_to_first_token_s * 1000 for r in done]
         rows.append(
             f"| TTFT 32 x 512, chunks of {budget} tokens | "

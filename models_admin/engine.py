@@ -198,6 +198,7 @@ class Engine:
                 max_len=max_len,
                 cpu_weights=cpu_weights,
                 cpu_prefill=os.environ.get("ENGINE_CPU_PREFILL", "auto"),
+                gpu_wait=os.environ.get("ENGINE_GPU_WAIT", "sleep"),
                 # On a GPU the forwards are fused by torch.compile unless ENGINE_COMPILE=0.
                 compile_steps=self.device.type == "cuda"
                 and os.environ.get("ENGINE_COMPILE") != "0",
