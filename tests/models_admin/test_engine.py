@@ -3,6 +3,7 @@
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,14 @@ def test_a_kv_cache_larger_than_memory_is_refused_at_load_with_the_figures(model
             max_batch=100_000,
             max_len=8192,
         )
+
+
+def test_an_unknown_gpu_wait_is_refused_at_load_with_the_choices(
+    model_artifact: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENGINE_GPU_WAIT", "poll")
+    with pytest.raises(ValueError, match=r"gpu_wait is one of \('sleep', 'spin'\), not 'poll'"):
+        Engine(artifact_dir(model_artifact.artifact_path), expected_sha256=model_artifact.sha256)
 
 
 def test_greedy_answers_are_repeatable_and_stream_the_same_text(engine: Engine) -> None:
