@@ -424,9 +424,9 @@ class LlamaRunner:
         # a core until the device is done. Spinning held a core for the whole of every step; on
         # an H100, SmolLM2-135M's engine alone took 558 µs of CPU a token at one stream against
         # 207 asleep, at the same speed, and 8 workers on one GPU took 149 ms of CPU per 32-token
-        # /v1 answer at 10 clients against 19 (bench/results/engine_gpu-h100.md). Spinning is
-        # the lower latency on cores of its own: 3% more tokens/s at 8 streams, 0.9 ms sooner
-        # to the first token.
+        # /v1 answer at 10 clients against 19 (bench/results/engine_gpu-h100.md and
+        # api_overhead-gpu.md). Spinning is the lower latency on cores of its own: 3% more
+        # tokens/s at 8 streams, 0.9 ms sooner to the first token.
         self.sleep_while_waiting = gpu_wait == "sleep"
         # On the CPU each row of a decode step attends alone over exactly its own span. Over a
         # batch's common span (masked), the sums inside attention are grouped differently as
