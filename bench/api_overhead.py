@@ -36,8 +36,9 @@ layers and 64 dimensions with random weights and the default model's tokenizer: 
 where the default model fills the cores, it answers in about a millisecond, so that the
 platform's own latency and CPU show at every level. The worker has as many task threads as
 `make up` gives it (`ENGINE_MAX_BATCH`, 8 by default).
-`BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` (uvicorn's
-own setting) that many web processes for the API; the bare endpoint stays one process.
+`BENCH_WORKERS` starts that many worker processes (default 1), and `WEB_CONCURRENCY` that many
+web processes for the API (`genai_site.web_server.WebServer`, as `make up` starts them; a table
+shows how evenly they shared the work); the bare endpoint stays one process.
 `BENCH_USERS` spreads the clients over that many users (default 1), each with its own key and
 budget: one user's requests wait for each other on the user's budget row. `BENCH_PG_WAITS=1`
 adds a table of what PostgreSQL's backends waited on during the API's rounds.
@@ -47,6 +48,7 @@ own queue is not measured.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -82,8 +84,9 @@ from django.contrib.auth.models import User  # noqa: E402
 from bench.load_client import PROMPTS, Trace, http_run  # noqa: E402
 from bench.machine import machine_describe  # noqa: E402
 from genai_site.embedded import free_port  # noqa: E402
-from genai_site.launcher import default_concurrency, web_command, worker_command  # noqa: E402
+from genai_site.launcher import default_concurrency, worker_command  # noqa: E402
 from genai_site.process import long_lived_freeze  # noqa: E402
+from genai_site.web_server import WebServer, web_command  # noqa: E402
 from governance.api_keys import api_key_create  # noqa: E402
 from governance.models import UsageLimit  # noqa: E402
 from models_admin.engine import SamplingParams, engine_get  # noqa: E402
@@ -332,6 +335,16 @@ def _cpu_seconds(roles: dict[int, str]) -> Counter[str]:
     return used
 
 
+def _pid_cpu_seconds(pids: list[int]) -> Counter[int]:
+    """CPU seconds (user + system) used so far by each of `pids`."""
+    used: Counter[int] = Counter()
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = psutil.Process(pid).cpu_times()
+            used[pid] = times.user + times.system
+    return used
+
+
 class PgWaits:
     """What PostgreSQL's busy client backends wait on, sampled every 5 ms from a thread of this
     process while the API's rounds run (`BENCH_PG_WAITS=1`; the sampling's CPU counts as this
@@ -381,24 +394,40 @@ class CpuMeter:
     """CPU ms per request, by role, and requests a second, of each kind of round at each
     level."""
 
-    def __init__(self, roles: dict[int, str]) -> None:
-        self.roles = roles
+    def __init__(self, roles: dict[int, str], web: list[int]) -> None:
+        self.roles, self.web = roles, web
         self.used: dict[tuple[str, int], Counter[str]] = {}
         self.requests: Counter[tuple[str, int]] = Counter()
         self.wall: defaultdict[tuple[str, int], float] = defaultdict(float)
+        self.web_used: dict[tuple[str, int], Counter[int]] = {}
 
     def measure(self, kind: str, clients: int, requests: int, run, *args):  # type: ignore[no-untyped-def]
-        before = _cpu_seconds(self.roles)
+        before, web_before = _cpu_seconds(self.roles), _pid_cpu_seconds(self.web)
         started = time.perf_counter()
         result = run(*args)
         self.wall[(kind, clients)] += time.perf_counter() - started
-        after = _cpu_seconds(self.roles)
+        after, web_after = _cpu_seconds(self.roles), _pid_cpu_seconds(self.web)
         # A process that ended meanwhile takes its time with it; none of ours does.
         self.used.setdefault((kind, clients), Counter()).update(
             {role: after[role] - before.get(role, 0.0) for role in after}
         )
+        self.web_used.setdefault((kind, clients), Counter()).update(
+            {pid: web_after[pid] - web_before.get(pid, 0.0) for pid in web_after}
+        )
         self.requests[(kind, clients)] += requests
         return result
+
+    def web_spread(self, levels: list[int], kind: str = "API") -> None:
+        """How evenly the web processes shared the work: each one's CPU in `kind`'s rounds, in
+        cores (CPU seconds over the rounds' wall time), busiest first."""
+        print("| clients | web processes | busiest | idlest | each, busiest first |")
+        print("| ---: | ---: | ---: | ---: | --- |")
+        for clients in levels:
+            used, wall = self.web_used.get((kind, clients), Counter()), self.wall[(kind, clients)]
+            cores = sorted((seconds / wall for seconds in used.values()), reverse=True)
+            if cores:
+                each = ", ".join(f"{c:.2f}" for c in cores)
+                print(f"| {clients} | {len(cores)} | {cores[0]:.2f} | {cores[-1]:.2f} | {each} |")
 
     def table(self, levels: list[int], kinds: list[str]) -> None:
         roles = ["web", "worker", "bare endpoint", "postgres", "redis", "this process", "other"]
@@ -411,6 +440,22 @@ class CpuMeter:
                 values = " | ".join(f"{v:.1f}" for v in (*cells, sum(cells)))
                 rate = n / self.wall[(kind, clients)]
                 print(f"| {clients} | {kind} | {values} | {rate:.0f} |")
+
+
+def _serving_pids(web: WebServer) -> list[int]:
+    """The web processes that listen: `web`'s own, or the workers of uvicorn's supervisor."""
+    pids = []
+    for pid in web.pids:
+        parent = psutil.Process(pid)
+        for proc in parent.children(recursive=True) or [parent]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp")):
+                    pids.append(proc.pid)
+    return pids
+
+
+def _serving(web: WebServer) -> int:
+    return len(_serving_pids(web))
 
 
 def _listening(port: int) -> bool:
@@ -453,13 +498,15 @@ def main() -> None:
         )
         for i, log in enumerate(worker_logs)
     ]
-    web = subprocess.Popen(
-        web_command("127.0.0.1", port),
+    web = WebServer(
+        "127.0.0.1",
+        port,
+        WEB_PROCESSES,
         cwd=BASE_DIR,
         stdout=(VAR / "bench-api-web.log").open("w"),
         stderr=subprocess.STDOUT,
-    )
-    procs: list[subprocess.Popen] = [*workers, web]  # type: ignore[type-arg]
+    ).start()
+    procs: list[subprocess.Popen] = [*workers, *web.procs]  # type: ignore[type-arg]
     # The direct engine lives in this process, loaded before the runs; the two are measured
     # in alternating rounds, so that a drift in the machine's speed (it moves by several ms
     # within minutes on these cores) falls on both alike.
@@ -485,7 +532,7 @@ def main() -> None:
         procs += client.procs
         roles = {
             **{worker.pid: "worker" for worker in workers},
-            web.pid: "web",
+            **{pid: "web" for pid in web.pids},
             bare.pid: "bare endpoint",
             os.getpid(): "this process",
             # The client's processes, if any, count as this one.
@@ -503,13 +550,14 @@ def main() -> None:
         for worker, log in zip(workers, worker_logs, strict=True):
             _wait_for(lambda log=log: "ready." in log.read_text(errors="replace"), "worker", worker)
 
-        _wait_for(lambda: _listening(port), "the web server", web)
+        _wait_for(lambda: _listening(port), "the web server", web.procs[0])
         _wait_for(lambda: _listening(direct_port), "the bare engine endpoint", bare)
-        # Web processes that uvicorn starts itself count as the web's.
+        _wait_for(lambda: _serving(web) == WEB_PROCESSES, "every web process", web.procs[0])
+        # Web processes that uvicorn starts itself (WEB_REUSE_PORT=0) count as the web's.
         for pid, role in list(roles.items()):
             for child in psutil.Process(pid).children(recursive=True):
                 roles.setdefault(child.pid, role)
-        meter = CpuMeter(roles)
+        meter = CpuMeter(roles, _serving_pids(web))
         waits = PgWaits(PG_WAITS)
         base = f"http://127.0.0.1:{port}"
         bare_base = f"http://127.0.0.1:{direct_port}"
@@ -545,7 +593,8 @@ def main() -> None:
     model = os.environ.get("BENCH_MODEL_DIR") or "SmolLM2-135M-Instruct"
     print(
         f"# model: {model}; workers: {WORKERS} x {WORKER_THREADS} threads; "
-        f"web: {WEB_PROCESSES} uvicorn process(es); users: {USERS}; "
+        f"web: {WEB_PROCESSES} uvicorn process(es)"
+        f"{', a socket each' if web.reuse_port else ''}; users: {USERS}; "
         f"client processes: {max(1, CLIENT_PROCESSES)}"
     )
     print()
@@ -575,6 +624,10 @@ def main() -> None:
     print("CPU time per request (ms), by process, and requests a second, in each kind of round:")
     print()
     meter.table(LEVELS, ["API", "engine in process", "bare endpoint"])
+    print()
+    print("Each web process's CPU in the API's rounds, in cores:")
+    print()
+    meter.web_spread(LEVELS)
     print(f"mean API latency at {LEVELS[0]} client(s): {statistics.mean(api[LEVELS[0]]):.1f} ms")
     print()
     print("Where a request's time goes (from the job rows' timestamps):")

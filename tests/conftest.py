@@ -22,7 +22,8 @@ import pytest
 from django.db import connection
 
 from genai_site.embedded import free_port
-from genai_site.launcher import web_command, worker_command
+from genai_site.launcher import worker_command
+from genai_site.web_server import web_command
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 ARTIFACTS = BASE_DIR / "test-artifacts"
