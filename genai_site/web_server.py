@@ -118,7 +118,11 @@ def serve(app: str, host: str, port: int, *, reuse_port: bool, workers: int) -> 
     config.load_app()
     server = uvicorn.Server(config)
     if reuse_port:
-        sock = reuse_port_socket(host, port, config.backlog)
+        try:
+            sock = reuse_port_socket(host, port, config.backlog)
+        except OSError as exc:
+            logger.error("Cannot listen on %s:%d: %s", host, port, exc)
+            return STARTUP_FAILURE
         logger.info("Uvicorn running on %s:%d (SO_REUSEPORT, process %d)", host, port, os.getpid())
         server.run(sockets=[sock])
     else:

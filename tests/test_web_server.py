@@ -35,14 +35,17 @@ def _healthz(port: int) -> bytes:
 
 
 @pytest.fixture
-def two_web_processes(subprocess_env: dict[str, str]) -> Iterator[tuple[WebServer, int]]:
+def two_web_processes(
+    subprocess_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[WebServer, int]]:
+    monkeypatch.setenv("WEB_REUSE_PORT", "1")
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     web = WebServer(
         "127.0.0.1",
         port,
         2,
-        env={**subprocess_env, "WEB_REUSE_PORT": "1"},
+        env=subprocess_env,
         stdout=(ARTIFACTS / "web-reuse-port.log").open("w"),
         stderr=subprocess.STDOUT,
     ).start()
@@ -107,12 +110,13 @@ def test_a_process_that_ends_soon_after_its_start_is_not_replaced(
     assert not web.replace_ended()
 
 
-def test_a_port_in_use_is_refused_rather_than_shared(subprocess_env: dict[str, str]) -> None:
+def test_a_port_in_use_is_refused_rather_than_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEB_REUSE_PORT", "1")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        web = WebServer("127.0.0.1", port, 2, env={**subprocess_env, "WEB_REUSE_PORT": "1"})
+        web = WebServer("127.0.0.1", port, 2)
         with pytest.raises(OSError, match="already in use"):
             web.start()
         assert web.procs == []
