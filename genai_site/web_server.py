@@ -9,8 +9,8 @@ shares one listening socket among its processes instead: whichever is awake when
 arrive accepts them, as many as are waiting, so a burst of connections lands on a few
 processes. Programs keep their connections open (the openai SDK, any HTTP client's pool), so
 where a connection lands is where its requests are served. 48 connections opened at once over
-8 processes (a 1 ms request, 2 cores) left 1 to 4 processes with none and one with 13 to 18,
-where 6 each would be even; with a socket each, the busiest had 8 to 11 and none was idle.
+8 processes (bench/web_spread.py, 2 cores) gave the busiest 11 to 21 and up to three none,
+where 6 each would be even; with a socket each, the busiest had 8 to 10 and none was idle.
 
 On a platform whose `SO_REUSEPORT` does not balance connections (anything but Linux), or with
 `WEB_REUSE_PORT=0`, several processes are uvicorn's own workers on one socket.
