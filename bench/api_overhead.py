@@ -631,10 +631,10 @@ def main() -> None:
     # Closed-loop clients: a client served faster sends more requests, so the median leans
     # towards the faster ones where the web processes serve them unevenly; the mean does not.
     for clients in LEVELS:
-        mean, base = statistics.mean(api[clients]), statistics.mean(direct[clients])
+        mean, baseline = statistics.mean(api[clients]), statistics.mean(direct[clients])
         print(
             f"mean API latency at {clients} client(s): {mean:.1f} ms "
-            f"({mean - base:.1f} added to the engine in process)"
+            f"({mean - baseline:.1f} added to the engine in process)"
         )
     print()
     print("Where a request's time goes (from the job rows' timestamps):")
