@@ -550,9 +550,8 @@ def main() -> None:
         for worker, log in zip(workers, worker_logs, strict=True):
             _wait_for(lambda log=log: "ready." in log.read_text(errors="replace"), "worker", worker)
 
-        _wait_for(lambda: _listening(port), "the web server", web.procs[0])
-        _wait_for(lambda: _listening(direct_port), "the bare engine endpoint", bare)
         _wait_for(lambda: _serving(web) == WEB_PROCESSES, "every web process", web.procs[0])
+        _wait_for(lambda: _listening(direct_port), "the bare engine endpoint", bare)
         # Web processes that uvicorn starts itself (WEB_REUSE_PORT=0) count as the web's.
         for pid, role in list(roles.items()):
             for child in psutil.Process(pid).children(recursive=True):

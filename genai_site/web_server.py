@@ -145,13 +145,11 @@ class WebServer:
     ) -> None:
         self.host, self.port, self.app, self.popen = host, port, app, popen
         self.processes = web_concurrency() if processes is None else processes
+        wanted = os.environ.get("WEB_REUSE_PORT", "1").strip().lower() not in ("0", "false", "no")
+        # Decided once: a replacement must join the group its siblings are in.
+        self.reuse_port = self.processes > 1 and wanted and REUSE_PORT_BALANCES
         self.procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
         self._started: dict[int, float] = {}
-
-    @property
-    def reuse_port(self) -> bool:
-        wanted = os.environ.get("WEB_REUSE_PORT", "1").strip().lower() not in ("0", "false", "no")
-        return self.processes > 1 and wanted and REUSE_PORT_BALANCES
 
     def start(self) -> "WebServer":
         if self.reuse_port:
