@@ -83,9 +83,14 @@ if env.bool("DATABASE_POOL", default=True):
         "timeout": env.float("DATABASE_POOL_TIMEOUT", default=20.0),
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A connection taken from the pool is checked by looking at its socket rather than by the
+    # pool's empty query, a round trip per request and per task (genai_site.postgresql).
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        DATABASES["default"]["ENGINE"] = "genai_site.postgresql"
+        DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL")
