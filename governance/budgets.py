@@ -1,13 +1,14 @@
 """Daily and monthly budgets of tokens and cost: reserved before generation with the request's
 maximum, settled with the real count after (or released when nothing was generated).
 
-A reservation is one conditional UPDATE per budget row, in id order, in the caller's
-transaction. PostgreSQL re-checks an UPDATE's WHERE clause against the row as the previous
-writer left it, so concurrent requests can never together pass a limit; if any budget refuses,
-the holds already taken are given back in the same transaction (no other transaction saw them:
-the rows stay locked until it ends, a refusal's too). Taking the rows in id order keeps two
-requests from deadlocking. The holds are the reservation's last statements: each budget row
-stays locked from its hold until the caller's transaction commits, and the same user's other
+A reservation is one statement in the caller's transaction: it locks the budget rows in id
+order, writes the reservation and its links, and holds the request in each row that has room.
+PostgreSQL re-checks an UPDATE's WHERE clause against the row as the previous writer left it,
+so concurrent requests can never together pass a limit; if any budget refuses, the holds taken
+are given back in the same transaction (no other transaction saw them: the rows stay locked
+until it ends, a refusal's too). Taking the rows in id order keeps two requests from
+deadlocking. The holds are the reservation's last statements: each budget row stays locked
+from its hold until the caller's transaction commits, and the same user's other
 requests wait for it meanwhile. These statements run on every request, so they are plain SQL
 (`genai_site.rows`).
 """
@@ -152,40 +153,6 @@ def _exceeded(hold: _Hold, *, tokens: int, cost: Decimal) -> BudgetExceeded:
     )
 
 
-def _usages_find(wanted: list[tuple[Subject, str, dt.date]]) -> dict[tuple[str, int, str], int]:
-    """The ids of the budget rows for these (subject, period, start), one query; a row not yet
-    there (a period's first request) is created."""
-    table = quote(BudgetUsage._meta.db_table)
-    where: list[str] = []
-    params: list[Any] = []
-    for subject, period, start in wanted:
-        where.append(f"({quote(subject.kind + '_id')} = %s AND period = %s AND period_start = %s)")
-        params += [subject.pk, period, start]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT id, user_id, group_id, api_key_id, period FROM {table} "
-            f"WHERE {' OR '.join(where)}",
-            params,
-        )
-        found = {}
-        for pk, user_id, group_id, api_key_id, period in cursor.fetchall():
-            kind = "user" if user_id else "group" if group_id else "api_key"
-            found[(kind, user_id or group_id or api_key_id, period)] = pk
-    # Created in one order for every request, so that two first requests of a period that create
-    # the same rows wait for each other instead of deadlocking.
-    for subject, period, start in sorted(wanted, key=lambda w: (w[0].kind, w[0].pk, w[1])):
-        key = (subject.kind, subject.pk, period)
-        if key not in found:
-            lookup: dict[str, Any] = {
-                "period": period,
-                "period_start": start,
-                **subject.usage_filter,
-            }
-            usage, _ = BudgetUsage.objects.get_or_create(**lookup)
-            found[key] = usage.pk
-    return found
-
-
 _HOLD_SQL = (
     f"UPDATE {quote(BudgetUsage._meta.db_table)} "
     "SET tokens_reserved = tokens_reserved + %(tokens)s, cost_reserved = cost_reserved + %(cost)s "
@@ -234,64 +201,168 @@ def budget_reserve(
     )
     now = timezone.now()
     wanted = [
-        (applied.subject, period, tokens_limit, cost_limit)
+        _Wanted(applied.subject, period, period_start(period, now), tokens_limit, cost_limit)
         for applied in limits
         for period, tokens_limit, cost_limit in _budgets(applied.limit)
     ]
-    refused: _Hold | None = None
+    reservation = QuotaReservation(
+        user=user,
+        api_key=api_key,
+        tokens=tokens,
+        cost=cost,
+        price_input_per_1k=price_in,
+        price_output_per_1k=price_out,
+    )
     # Its own transaction when the caller has none; no savepoint when it has one: a budget
     # that refuses gives back, in this same transaction, what was already written.
     with transaction.atomic(savepoint=False):
-        ids = (
-            _usages_find([(s, period, period_start(period, now)) for s, period, _, _ in wanted])
-            if wanted
-            else {}
-        )
-        holds = sorted(
-            (
-                _Hold(ids[(s.kind, s.pk, period)], s, period, tokens_limit, cost_limit)
-                for s, period, tokens_limit, cost_limit in wanted
-            ),
-            key=lambda h: h.usage_id,
-        )
-        reservation = QuotaReservation(
-            user=user,
-            api_key=api_key,
-            tokens=tokens,
-            cost=cost,
-            price_input_per_1k=price_in,
-            price_output_per_1k=price_out,
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _RESERVE_SQL,
-                [*row_values(reservation, _RESERVATION_FIELDS), [h.usage_id for h in holds]],
-            )
-            reservation.pk = cursor.fetchone()[0]
-        taken: list[_Hold] = []
+        found, held = _reserve_and_hold(reservation, wanted, tokens=tokens, cost=cost)
+        holds = [
+            _Hold(usage_id, w.subject, w.period, w.tokens_limit, w.cost_limit)
+            for w, usage_id in zip(wanted, found, strict=True)
+            if usage_id is not None
+        ]
+        if len(holds) < len(wanted):
+            # A period's first request for some budget: its row is created and linked, and
+            # every row is held now, in id order.
+            holds = _usages_create_and_link(reservation, wanted, found)
+            held = set()
+        holds.sort(key=lambda h: h.usage_id)
+        refused: _Hold | None = None
         for hold in holds:
+            if hold.usage_id in held:
+                continue
             if not _hold_take(hold, tokens=tokens, cost=cost):
                 refused = hold
                 break
-            taken.append(hold)
+            held.add(hold.usage_id)
         if refused is None:
             return row_stored(reservation)
-        for hold in taken:
-            _usage_move(hold.usage_id, tokens=-tokens, cost=-cost)
+        for usage_id in held:
+            _usage_move(usage_id, tokens=-tokens, cost=-cost)
         with connection.cursor() as cursor:
             cursor.execute(_UNRESERVE_SQL, {"id": reservation.pk})
     raise _exceeded(refused, tokens=tokens, cost=cost)
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """A budget the request must fit in, and the period it is counted in."""
+
+    subject: Subject
+    period: str
+    start: dt.date
+    tokens_limit: int | None
+    cost_limit: Decimal | None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """The condition that finds its budget row."""
+        column = quote(self.subject.kind + "_id")
+        return f"({column} = %s AND period = %s AND period_start = %s)", [
+            self.subject.pk,
+            self.period,
+            self.start,
+        ]
+
+
 _USAGES = QuotaReservation.usages.through._meta.db_table
 _RESERVATION_INSERT, _RESERVATION_FIELDS = row_insert_sql(QuotaReservation)
-# The reservation and its links to the budget rows it will hold, in one statement.
-_RESERVE_SQL = (
-    f"WITH reservation AS ({_RESERVATION_INSERT}), "
-    f"linked AS (INSERT INTO {quote(_USAGES)} (quotareservation_id, budgetusage_id) "
-    "SELECT reservation.id, unnest(%s::bigint[]) FROM reservation) "
-    "SELECT id FROM reservation"
-)
+
+
+def _reserve_and_hold(
+    reservation: QuotaReservation, wanted: list[_Wanted], *, tokens: int, cost: Decimal
+) -> tuple[list[int | None], set[int]]:
+    """One statement: the reservation, linked to every wanted budget row there is, and, when
+    every one is there, the hold on each that has room. Returns each wanted budget's row id
+    (None where the period has none yet) and the ids of those held.
+
+    The rows are locked first, in id order (as settling and every other reservation take
+    them, so that none deadlocks), then each is held only if it has room, which PostgreSQL
+    checks against the row as the previous writer left it: concurrent requests can never
+    together pass a limit. The hold and the reservation are the last statements of the
+    caller's transaction that touch the rows, which stay locked until it ends."""
+    values = row_values(reservation, _RESERVATION_FIELDS)
+    if not wanted:
+        with connection.cursor() as cursor:
+            cursor.execute(_RESERVATION_INSERT, values)
+            reservation.pk = cursor.fetchone()[0]
+        return [], set()
+    conditions = [w.sql() for w in wanted]
+    which = " ".join(f"WHEN {sql} THEN {i}" for i, (sql, _) in enumerate(conditions))
+    room = ", ".join("(%s, %s::bigint, %s::numeric)" for _ in wanted)
+    table = quote(BudgetUsage._meta.db_table)
+    sql = (
+        f"WITH found AS (SELECT id, CASE {which} END AS wanted FROM {table} "
+        f"WHERE {' OR '.join(c for c, _ in conditions)} ORDER BY id FOR UPDATE), "
+        f"room (wanted, tokens_limit, cost_limit) AS (VALUES {room}), "
+        f"held AS (UPDATE {table} SET tokens_reserved = {table}.tokens_reserved + %s, "
+        f"cost_reserved = {table}.cost_reserved + %s FROM found JOIN room USING (wanted) "
+        f"WHERE {table}.id = found.id AND (SELECT count(*) FROM found) = %s "
+        f"AND (room.tokens_limit IS NULL OR tokens_used + {table}.tokens_reserved + %s "
+        "<= room.tokens_limit) "
+        f"AND (room.cost_limit IS NULL OR cost_used + {table}.cost_reserved + %s "
+        "<= room.cost_limit) "
+        f"RETURNING {table}.id), "
+        f"reservation AS ({_RESERVATION_INSERT}), "
+        f"linked AS (INSERT INTO {quote(_USAGES)} (quotareservation_id, budgetusage_id) "
+        "SELECT reservation.id, found.id FROM reservation, found) "
+        "SELECT reservation.id, found.id, found.wanted, found.id IN (SELECT id FROM held) "
+        "FROM reservation LEFT JOIN found ON true"
+    )
+    params: list[Any] = [p for _, condition in conditions for p in condition] * 2
+    for i, w in enumerate(wanted):
+        params += [i, w.tokens_limit, w.cost_limit]
+    params += [tokens, cost, len(wanted), tokens, cost, *values]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    reservation.pk = rows[0][0]
+    found: list[int | None] = [None] * len(wanted)
+    held = set()
+    for _, usage_id, i, is_held in rows:
+        if usage_id is not None:
+            found[i] = usage_id
+            if is_held:
+                held.add(usage_id)
+    return found, held
+
+
+def _usages_create_and_link(
+    reservation: QuotaReservation, wanted: list[_Wanted], found: list[int | None]
+) -> list[_Hold]:
+    """Create the budget rows a period does not have yet, link them to the reservation, and
+    return every wanted budget's hold (none taken yet)."""
+    # Created in one order for every request, so that two first requests of a period that create
+    # the same rows wait for each other instead of deadlocking.
+    order = sorted(
+        range(len(wanted)),
+        key=lambda i: (wanted[i].subject.kind, wanted[i].subject.pk, wanted[i].period),
+    )
+    created = []
+    for i in order:
+        if found[i] is None:
+            w = wanted[i]
+            lookup: dict[str, Any] = {
+                "period": w.period,
+                "period_start": w.start,
+                **w.subject.usage_filter,
+            }
+            usage, _ = BudgetUsage.objects.get_or_create(**lookup)
+            found[i] = usage.pk
+            created.append(usage.pk)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(_USAGES)} (quotareservation_id, budgetusage_id) "
+            "SELECT %s, unnest(%s::bigint[])",
+            [reservation.pk, created],
+        )
+    return [
+        _Hold(usage_id, w.subject, w.period, w.tokens_limit, w.cost_limit)
+        for w, usage_id in zip(wanted, found, strict=True)
+        if usage_id is not None
+    ]
+
+
 # A refused reservation is taken back, links and all, before anyone else could see it.
 _UNRESERVE_SQL = (
     f"WITH unlinked AS (DELETE FROM {quote(_USAGES)} WHERE quotareservation_id = %(id)s) "

@@ -8,11 +8,20 @@ from functools import partial
 import pytest
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from governance.admission import Refusal, turn_admit
 from governance.audit import audit_verify
-from governance.budgets import budget_release, budget_release_all, budget_settle, cost_of
+from governance.budgets import (
+    budget_release,
+    budget_release_all,
+    budget_reserve,
+    budget_settle,
+    cost_of,
+)
+from governance.limits import limits_applying
 from governance.models import AuditEvent, BudgetUsage, QuotaReservation, UsageLimit
 from models_admin.models import Model, ModelVersion
 from tests.factories import user_create
@@ -160,6 +169,38 @@ def test_a_refused_budget_holds_nothing_in_the_others() -> None:
     assert isinstance(refusal, Refusal) and refusal.limit == "group.tokens_per_day"
     assert not BudgetUsage.objects.filter(user=user, tokens_reserved__gt=0).exists()
     assert not QuotaReservation.objects.exists()
+
+
+def test_a_reservation_over_budget_rows_already_there_is_one_statement_and_refuses_whole() -> None:
+    user = user_create()
+    group = Group.objects.create(name="tight-later")
+    user.groups.add(group)
+    UsageLimit.objects.create(user=user, tokens_per_day=10_000, tokens_per_month=100_000)
+    UsageLimit.objects.create(group=group, tokens_per_day=400)
+    limits = limits_applying(user=user)
+    first = budget_reserve(user=user, limits=limits, input_tokens=100, max_output_tokens=50)
+    assert first.usages.count() == 3  # the period's first request created the rows
+
+    with CaptureQueriesContext(connection) as queries:
+        second = budget_reserve(user=user, limits=limits, input_tokens=100, max_output_tokens=50)
+    statements = [q["sql"] for q in queries if q["sql"] not in ("BEGIN", "COMMIT")]
+    assert len(statements) == 1, statements
+    assert set(second.usages.values_list("pk", flat=True)) == set(
+        first.usages.values_list("pk", flat=True)
+    )
+    held = dict(BudgetUsage.objects.values_list("period", "tokens_reserved").filter(user=user))
+    assert held == {"day": 300, "month": 300}
+    assert BudgetUsage.objects.get(group=group).tokens_reserved == 300
+
+    # The group's budget has 100 tokens left: the request is refused and holds nothing.
+    refusal = _admit(user)
+    assert isinstance(refusal, Refusal) and refusal.limit == "group.tokens_per_day"
+    assert dict(BudgetUsage.objects.values_list("period", "tokens_reserved").filter(user=user)) == {
+        "day": 300,
+        "month": 300,
+    }
+    assert BudgetUsage.objects.get(group=group).tokens_reserved == 300
+    assert QuotaReservation.objects.count() == 2
 
 
 def test_the_default_row_applies_to_users_without_their_own() -> None:
