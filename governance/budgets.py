@@ -217,17 +217,19 @@ def budget_reserve(
     # that refuses gives back, in this same transaction, what was already written.
     with transaction.atomic(savepoint=False):
         found, held = _reserve_and_hold(reservation, wanted, tokens=tokens, cost=cost)
-        holds = [
-            _Hold(usage_id, w.subject, w.period, w.tokens_limit, w.cost_limit)
-            for w, usage_id in zip(wanted, found, strict=True)
-            if usage_id is not None
-        ]
-        if len(holds) < len(wanted):
+        if None in found:
             # A period's first request for some budget: its row is created and linked, and
             # every row is held now, in id order.
-            holds = _usages_create_and_link(reservation, wanted, found)
+            _usages_create_and_link(reservation, wanted, found)
             held = set()
-        holds.sort(key=lambda h: h.usage_id)
+        holds = sorted(
+            (
+                _Hold(usage_id, w.subject, w.period, w.tokens_limit, w.cost_limit)
+                for w, usage_id in zip(wanted, found, strict=True)
+                if usage_id is not None
+            ),
+            key=lambda h: h.usage_id,
+        )
         refused: _Hold | None = None
         for hold in holds:
             if hold.usage_id in held:
@@ -329,9 +331,9 @@ def _reserve_and_hold(
 
 def _usages_create_and_link(
     reservation: QuotaReservation, wanted: list[_Wanted], found: list[int | None]
-) -> list[_Hold]:
+) -> None:
     """Create the budget rows a period does not have yet, link them to the reservation, and
-    return every wanted budget's hold (none taken yet)."""
+    fill their ids into `found`."""
     # Created in one order for every request, so that two first requests of a period that create
     # the same rows wait for each other instead of deadlocking.
     order = sorted(
@@ -356,11 +358,6 @@ def _usages_create_and_link(
             "SELECT %s, unnest(%s::bigint[])",
             [reservation.pk, created],
         )
-    return [
-        _Hold(usage_id, w.subject, w.period, w.tokens_limit, w.cost_limit)
-        for w, usage_id in zip(wanted, found, strict=True)
-        if usage_id is not None
-    ]
 
 
 # A refused reservation is taken back, links and all, before anyone else could see it.
