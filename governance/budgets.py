@@ -230,6 +230,8 @@ def budget_reserve(
             ),
             key=lambda h: h.usage_id,
         )
+        # Rows the statement held are skipped. One it found without room is asked again
+        # and refuses again (this transaction has it locked), naming the budget that refused.
         refused: _Hold | None = None
         for hold in holds:
             if hold.usage_id in held:
