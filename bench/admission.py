@@ -4,6 +4,9 @@ Runs `governance.admission.turn_admit` (settling each reservation right after) a
 PostgreSQL and Redis, for subjects with no limits, with a user's full set of limits, and with a
 user's and a group's limits together; then the same with several threads at once, to see how
 much the serialized parts (the audit chain's lock, a shared budget row) cost under contention.
+For the one-thread rows it also prints the CPU time a request took in this process and in its
+PostgreSQL backend (read from /proc, so only where PostgreSQL runs on this machine). Run it with
+`DATABASE_PREPARED=0` to compare with statements bound and planned anew each time.
 
     python -m genai_site.launcher run -- python bench/admission.py
 """
@@ -86,6 +89,19 @@ def sequential(user: User) -> list[float]:
     return [admit_and_settle(user) for _ in range(REQUESTS)]
 
 
+def _backend_cpu_seconds() -> float | None:
+    """CPU time of this connection's PostgreSQL backend so far, if it runs on this machine."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def concurrent(user_for: Callable[[int], User]) -> tuple[float, list[float]]:
     times: list[float] = []
     lock = threading.Lock()
@@ -118,16 +134,33 @@ def main() -> None:
     print(f"# admission: {REQUESTS} requests per row, admit + settle, audit on")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print()
-    print("| scenario | threads | median admit (ms) | p95 admit (ms) | requests/s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        f"# prepared statements: {'on' if connection.features.uses_server_side_binding else 'off'}"
+    )
+    print()
+    print(
+        "| scenario | threads | median admit (ms) | p95 admit (ms) | requests/s "
+        "| CPU here (ms) | PostgreSQL CPU (ms) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, user in users.items():
-        admit_and_settle(user)  # warm the connection and the script cache
+        for _ in range(10):
+            admit_and_settle(user)  # warm the connection, its statements and the script cache
+        backend_before = _backend_cpu_seconds()
+        cpu_before = time.process_time()
         started = time.perf_counter()
         times = sequential(user)
         rate = len(times) / (time.perf_counter() - started)
+        cpu = (time.process_time() - cpu_before) / len(times) * 1000
+        backend_after = _backend_cpu_seconds()
+        backend = (
+            f"{(backend_after - backend_before) / len(times) * 1000:.2f}"
+            if backend_before is not None and backend_after is not None
+            else "n/a"
+        )
         print(
             f"| {name} | 1 | {statistics.median(times) * 1000:.2f} | "
-            f"{ms(times, 0.95)} | {rate:.0f} |"
+            f"{ms(times, 0.95)} | {rate:.0f} | {cpu:.2f} | {backend} |"
         )
     grouped = users["user + group (shared rows), all limits"]
     members = [
@@ -143,7 +176,7 @@ def main() -> None:
         wall, times = concurrent(user_for)
         print(
             f"| {label} | {THREADS} | {statistics.median(times) * 1000:.2f} | "
-            f"{ms(times, 0.95)} | {len(times) / wall:.0f} |"
+            f"{ms(times, 0.95)} | {len(times) / wall:.0f} | | |"
         )
 
 

@@ -91,6 +91,16 @@ if env.bool("DATABASE_POOL", default=True):
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+# Parameters bound by PostgreSQL rather than merged into the SQL text here, and a statement run
+# a few times on one connection prepared there: PostgreSQL then parses and plans it once per
+# connection instead of on every request, and the pool keeps connections, prepared statements
+# and all. Off (DATABASE_PREPARED=0) behind a pooler that hands a session's statements to other
+# sessions (PgBouncer in transaction mode without `max_prepared_statements`).
+if env.bool("DATABASE_PREPARED", default=True):
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        server_side_binding=True,
+        prepare_threshold=env.int("DATABASE_PREPARE_THRESHOLD", default=5),
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL")

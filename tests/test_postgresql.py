@@ -1,10 +1,12 @@
 """A pooled connection is checked by its socket: no query for a sound one, and one that
-PostgreSQL ended while it sat in the pool is replaced before anyone uses it."""
+PostgreSQL ended while it sat in the pool is replaced before anyone uses it. Statements that a
+connection runs again are prepared on the server."""
 
 import time
 
 import psycopg
 import pytest
+from django.conf import settings
 from django.db import connection
 
 from genai_site.postgresql.base import DatabaseWrapper, connection_sound
@@ -68,3 +70,17 @@ def test_a_pooled_connection_that_postgresql_ended_is_replaced_before_use() -> N
         pool.putconn(conn)
     finally:
         pooled.close_pool()
+
+
+def test_a_statement_run_again_is_prepared_on_its_connection() -> None:
+    # As the budget reservation or the job's claim is, request after request: PostgreSQL
+    # parses and plans it once per connection, and the pool keeps the connection.
+    sql = "SELECT count(*) FROM auth_user WHERE id > %s AND username <> %s"
+    runs = (settings.DATABASES["default"]["OPTIONS"].get("prepare_threshold") or 5) + 1
+    with connection.cursor() as cursor:
+        for _ in range(runs):
+            cursor.execute(sql, [0, "nobody"])
+            assert cursor.fetchone() == (0,)
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    assert "SELECT count(*) FROM auth_user WHERE id > $1 AND username <> $2" in prepared
