@@ -33,8 +33,9 @@ PROMPTS = [
 # bare endpoint's rounds alike.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-# (sent, received, job id, the platform's and the model's ms from the Server-Timing header)
-Trace = tuple[float, float, str, float, float]
+# (sent, received, job id, the platform's and the model's ms from the Server-Timing header;
+# None for an answer read from the job's row, which names no model call)
+Trace = tuple[float, float, str, float | None, float | None]
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -95,8 +96,8 @@ async def http_run(
                             sent,
                             time.time(),
                             response.json()["id"],
-                            timing["platform"],
-                            timing["model"],
+                            timing.get("platform"),
+                            timing.get("model"),
                         )
                     )
 
