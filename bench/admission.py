@@ -5,7 +5,7 @@ PostgreSQL and Redis, for subjects with no limits, with a user's full set of lim
 user's and a group's limits together; then the same with several threads at once, to see how
 much the serialized parts (the audit chain's lock, a shared budget row) cost under contention.
 For the one-thread rows it also prints the CPU time a request took in this process and in its
-PostgreSQL backend (read from /proc, so only where PostgreSQL runs on this machine). Run it with
+PostgreSQL backend (only where PostgreSQL runs on this machine). Run it with
 `DATABASE_PREPARED=0` to compare with statements bound and planned anew each time.
 
     python -m genai_site.launcher run -- python bench/admission.py
@@ -27,6 +27,7 @@ sys.path.insert(0, str(BASE_DIR))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "genai_site.settings")
 
 import django  # noqa: E402
+import psutil  # noqa: E402
 
 django.setup()
 
@@ -95,11 +96,10 @@ def _backend_cpu_seconds() -> float | None:
         cursor.execute("SELECT pg_backend_pid()")
         pid = cursor.fetchone()[0]
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times.user + times.system
 
 
 def concurrent(user_for: Callable[[int], User]) -> tuple[float, list[float]]:
@@ -134,9 +134,8 @@ def main() -> None:
     print(f"# admission: {REQUESTS} requests per row, admit + settle, audit on")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print()
-    print(
-        f"# prepared statements: {'on' if connection.features.uses_server_side_binding else 'off'}"
-    )
+    prepared = settings.DATABASES["default"].get("OPTIONS", {}).get("server_side_binding")
+    print(f"# prepared statements: {'on' if prepared else 'off'}")
     print()
     print(
         "| scenario | threads | median admit (ms) | p95 admit (ms) | requests/s "
