@@ -623,7 +623,8 @@ def main() -> None:
         cells = [percentile(v, q) for v in (platform_ms, model_ms) for q in (0.5, 0.95, 0.99)]
         print(f"| {clients} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
     if unnamed:
-        # Answered from the job's row (its end event came after the wait gave up on it).
+        # Answered from the job's row: the wait read the row when no event came for a second,
+        # or when it ran out, and found the job done (`chat.api.streams.job_wait`).
         print(f"({unnamed} answer(s) named no model call and are left out of this table)")
     print()
     print("CPU time per request (ms), by process, and requests a second, in each kind of round:")

@@ -34,7 +34,7 @@ PROMPTS = [
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # (sent, received, job id, the platform's and the model's ms from the Server-Timing header;
-# None for an answer read from the job's row, which names no model call)
+# None for an answer the web process read from the job's row, which names no model call)
 Trace = tuple[float, float, str, float | None, float | None]
 
 
